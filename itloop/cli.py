@@ -1,0 +1,318 @@
+"""The ``itloop`` command line: server, worker, database, accounts and benchmarks."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from itloop import __version__
+
+app = typer.Typer(
+    name="itloop",
+    help="Closed-loop measurement of the adversarial sensitivity of IT neural sites.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Schema migrations of the database.", no_args_is_help=True)
+user_app = typer.Typer(help="Lab members.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens (for analysts, rigs and workers).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (print JSON figures).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"itloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version_flag: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """itloop: schedule sessions, generate attacks, ingest recordings, refit nightly."""
+
+
+def load_settings(**overrides: object):  # type: ignore[no-untyped-def]
+    """Settings from ``ITLOOP_*`` variables (and CLI overrides), or a clear message and exit 2."""
+    from itloop.server.settings import Settings, UnsafeSettingsError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except UnsafeSettingsError as exc:
+        err.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            err.print(f"[red]invalid setting[/red] ITLOOP_{where.upper()}: {error['msg']}")
+        raise typer.Exit(2) from exc
+
+
+def _migrate(url: str) -> str | None:
+    from itloop.server import migrate
+
+    with console.status("applying database migrations"):
+        migrate.upgrade(url)
+    return migrate.current_revision(url)
+
+
+def _ensure_first_admin(settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import func, select
+
+    from itloop.server import accounts
+    from itloop.server.db import make_engine, make_sessionmaker
+    from itloop.server.db.tables import Role, User
+
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            if db.scalar(select(func.count(User.id))):
+                return
+            password = secrets.token_urlsafe(15)
+            accounts.create_user(
+                db, email="admin@localhost", password=password, role=Role.admin, display_name="Admin"
+            )
+        console.print(
+            "[bold green]first admin account[/bold green] "
+            f"email: admin@localhost  password: {password}  (shown once; change it)"
+        )
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (embedded default).")] = None,
+) -> None:
+    """Run the API and web UI (and, on the embedded default, a worker in the same process)."""
+    import uvicorn
+
+    from itloop.server.app import create_app
+
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
+    settings.prepare_data_dir()
+    revision = _migrate(settings.effective_database_url)
+    console.print(f"database at revision {revision}: {_display_url(settings.effective_database_url)}")
+    _ensure_first_admin(settings)
+    worker_started = False
+    if settings.runs_worker_in_process:
+        from itloop.worker.main import start_in_process
+
+        start_in_process(settings)
+        worker_started = True
+        console.print("in-process worker started")
+    console.print(f"serving on http://{settings.host}:{settings.port}  (API docs: /api/v1/docs)")
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if worker_started:
+            from itloop.worker.main import stop_in_process
+
+            stop_in_process()
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker process: takes jobs from the GPU and CPU queues until stopped."""
+    from itloop.worker.main import run_worker
+
+    settings = load_settings()
+    settings.prepare_data_dir()
+    console.print(f"worker on {_display_url(settings.effective_database_url)}")
+    run_worker(settings)
+
+
+def _display_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from itloop.server import migrate
+
+    settings = load_settings()
+    settings.prepare_data_dir()
+    migrate.upgrade(settings.effective_database_url, revision)
+    console.print(f"at revision {migrate.current_revision(settings.effective_database_url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()] = "-1") -> None:
+    """Revert migrations down to REVISION (default: one step; 'base' for all)."""
+    from itloop.server import migrate
+
+    settings = load_settings()
+    migrate.downgrade(settings.effective_database_url, revision)
+    console.print(f"at revision {migrate.current_revision(settings.effective_database_url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and the newest one this version knows."""
+    from itloop.server import migrate
+
+    settings = load_settings()
+    url = settings.effective_database_url
+    console.print(f"current: {migrate.current_revision(url)}  head: {migrate.head_revision(url)}")
+
+
+def _session():  # type: ignore[no-untyped-def]
+    from itloop.server.db import make_engine, make_sessionmaker
+
+    settings = load_settings()
+    return make_sessionmaker(make_engine(settings.effective_database_url))()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(1)
+
+
+@user_app.command("add")
+def user_add(
+    email: str,
+    role: Annotated[str, typer.Option(help="admin, staff or analyst")] = "staff",
+    display_name: Annotated[str, typer.Option()] = "",
+    password: Annotated[
+        str | None, typer.Option(help="Read from the prompt (or ITLOOP_NEW_PASSWORD) when omitted.")
+    ] = None,
+) -> None:
+    """Add a lab member."""
+    import os
+
+    from itloop.server import accounts
+    from itloop.server.db.tables import Role
+    from itloop.server.errors import ItloopError
+
+    try:
+        role_value = Role(role)
+    except ValueError as exc:
+        raise _fail(ValueError(f"role {role!r} is not one of admin, staff, analyst")) from exc
+    if password is None:
+        password = os.environ.get("ITLOOP_NEW_PASSWORD")
+    if password is None:
+        if not sys.stdin.isatty():
+            raise _fail(ValueError("no password: give --password or set ITLOOP_NEW_PASSWORD"))
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    with _session() as db:
+        try:
+            user = accounts.create_user(
+                db, email=email, password=password, role=role_value, display_name=display_name
+            )
+        except ItloopError as exc:
+            raise _fail(exc) from exc
+        console.print(f"user {user.id} {user.email} ({user.role.value})")
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    kind: Annotated[str, typer.Option(help="user, rig or worker")] = "user",
+    user_email: Annotated[str | None, typer.Option("--user", help="Owner of a user token.")] = None,
+    rig: Annotated[str | None, typer.Option(help="Rig name or id of a rig token.")] = None,
+    expires_in_days: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Create an API token; it is printed once and never stored."""
+    from sqlalchemy import select
+
+    from itloop.server import accounts
+    from itloop.server.db.tables import Rig, TokenKind
+    from itloop.server.errors import ItloopError
+
+    try:
+        kind_value = TokenKind(kind)
+    except ValueError as exc:
+        raise _fail(ValueError(f"kind {kind!r} is not one of user, rig, worker")) from exc
+    with _session() as db:
+        user_id = rig_id = None
+        if user_email is not None:
+            user = accounts.find_user(db, user_email)
+            if user is None:
+                raise _fail(ValueError(f"no user with email {user_email!r}"))
+            user_id = user.id
+        if rig is not None:
+            found = db.scalar(select(Rig).where(Rig.name == rig))
+            if found is None and rig.isdigit():
+                found = db.get(Rig, int(rig))
+            if found is None:
+                raise _fail(ValueError(f"no rig named {rig!r}"))
+            rig_id = found.id
+        try:
+            row, secret = accounts.create_token(
+                db,
+                name=name,
+                kind=kind_value,
+                user_id=user_id,
+                rig_id=rig_id,
+                expires_in_days=expires_in_days,
+            )
+        except ItloopError as exc:
+            raise _fail(exc) from exc
+        err.print(f"token {row.id} ({row.kind.value}) created; it is shown once:")
+        print(secret)
+
+
+@token_app.command("list")
+def token_list(include_revoked: Annotated[bool, typer.Option("--all")] = False) -> None:
+    """List API tokens (never their secrets)."""
+    from itloop.server import accounts
+
+    with _session() as db:
+        table = Table("id", "name", "kind", "user", "rig", "created", "revoked", "last used")
+        for t in accounts.list_tokens(db, include_revoked=include_revoked):
+            table.add_row(
+                str(t.id),
+                t.name,
+                t.kind.value,
+                str(t.user_id or ""),
+                str(t.rig_id or ""),
+                f"{t.created_at:%Y-%m-%d %H:%M}",
+                f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
+                f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "",
+            )
+        console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke an API token; requests with it are refused from now on."""
+    from itloop.server import accounts
+    from itloop.server.errors import ItloopError
+
+    with _session() as db:
+        try:
+            accounts.revoke_token(db, token_id)
+        except ItloopError as exc:
+            raise _fail(exc) from exc
+    console.print(f"token {token_id} revoked")
+
+
+@bench_app.command(
+    "attack", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def bench_attack(ctx: typer.Context) -> None:
+    """Attack-engine throughput vs torchattacks in the same run (pass --help for options)."""
+    from itloop.stimulus.benchmark import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))

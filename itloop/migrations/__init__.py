@@ -1,0 +1,1 @@
+"""Alembic migrations: frozen revisions that import only alembic and sqlalchemy."""

@@ -1,0 +1,1 @@
+"""Wire schemas shared by the server, the worker and the rig client (pydantic only, no I/O)."""
