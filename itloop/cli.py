@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -13,6 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from itloop import __version__
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from itloop.server.settings import Settings
 
 app = typer.Typer(
     name="itloop",
@@ -48,7 +55,7 @@ def main(
     """itloop: schedule sessions, generate attacks, ingest recordings, refit nightly."""
 
 
-def load_settings(**overrides: object):  # type: ignore[no-untyped-def]
+def load_settings(**overrides: Any) -> Settings:
     """Settings from ``ITLOOP_*`` variables (and CLI overrides), or a clear message and exit 2."""
     from itloop.server.settings import Settings, UnsafeSettingsError
 
@@ -72,7 +79,7 @@ def _migrate(url: str) -> str | None:
     return migrate.current_revision(url)
 
 
-def _ensure_first_admin(settings) -> None:  # type: ignore[no-untyped-def]
+def _ensure_first_admin(settings: Settings) -> None:
     from sqlalchemy import func, select
 
     from itloop.server import accounts
@@ -86,7 +93,11 @@ def _ensure_first_admin(settings) -> None:  # type: ignore[no-untyped-def]
                 return
             password = secrets.token_urlsafe(15)
             accounts.create_user(
-                db, email="admin@localhost", password=password, role=Role.admin, display_name="Admin"
+                db,
+                email="admin@localhost",
+                password=password,
+                role=Role.admin,
+                display_name="Admin",
             )
         console.print(
             "[bold green]first admin account[/bold green] "
@@ -100,7 +111,9 @@ def _ensure_first_admin(settings) -> None:  # type: ignore[no-untyped-def]
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (embedded default).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (embedded default).")
+    ] = None,
 ) -> None:
     """Run the API and web UI (and, on the embedded default, a worker in the same process)."""
     import uvicorn
@@ -110,7 +123,9 @@ def serve(
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     settings.prepare_data_dir()
     revision = _migrate(settings.effective_database_url)
-    console.print(f"database at revision {revision}: {_display_url(settings.effective_database_url)}")
+    console.print(
+        f"database at revision {revision}: {_display_url(settings.effective_database_url)}"
+    )
     _ensure_first_admin(settings)
     worker_started = False
     if settings.runs_worker_in_process:
@@ -177,11 +192,17 @@ def db_current() -> None:
     console.print(f"current: {migrate.current_revision(url)}  head: {migrate.head_revision(url)}")
 
 
-def _session():  # type: ignore[no-untyped-def]
+@contextmanager
+def _session() -> Iterator[Session]:
     from itloop.server.db import make_engine, make_sessionmaker
 
     settings = load_settings()
-    return make_sessionmaker(make_engine(settings.effective_database_url))()
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            yield db
+    finally:
+        engine.dispose()
 
 
 def _fail(exc: Exception) -> typer.Exit:

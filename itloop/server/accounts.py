@@ -33,7 +33,9 @@ def create_user(
         )
     if db.scalar(select(User.id).where(func.lower(User.email) == email)) is not None:
         raise Conflict(f"a user with email {email!r} exists", field="email", value=email)
-    user = User(email=email, password_hash=hash_password(password), role=role, display_name=display_name)
+    user = User(
+        email=email, password_hash=hash_password(password), role=role, display_name=display_name
+    )
     db.add(user)
     db.flush()
     audit.record(db, actor, "user.create", "user", user.id, role=role.value)
@@ -63,7 +65,9 @@ def create_token(
             raise InvalidInput(f"rig_id {rig_id} does not exist", field="rig_id", value=rig_id)
         user_id = None
     elif rig_id is not None:
-        raise InvalidInput(f"rig_id is only for rig tokens, not {kind.value}", field="rig_id", value=rig_id)
+        raise InvalidInput(
+            f"rig_id is only for rig tokens, not {kind.value}", field="rig_id", value=rig_id
+        )
     if kind is TokenKind.user:
         if user_id is None:
             raise InvalidInput("a user token needs user_id", field="user_id")

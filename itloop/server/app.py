@@ -93,7 +93,10 @@ class LimitBodySize:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = {"error": "body_too_large", "message": f"request body exceeds {self.max_bytes} bytes"}
+        body = {
+            "error": "body_too_large",
+            "message": f"request body exceeds {self.max_bytes} bytes",
+        }
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
 

@@ -1,4 +1,4 @@
-"""Who is calling: Bearer tokens and UI session cookies, roles and scopes, as FastAPI dependencies."""
+"""Who is calling: Bearer tokens and UI session cookies, roles and scopes (FastAPI dependencies)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,9 @@ async def current_principal(
     principal: Annotated[Principal | None, Depends(optional_principal)],
 ) -> Principal:
     if principal is None:
-        raise AuthenticationRequired("authentication required: send 'Authorization: Bearer <token>'")
+        raise AuthenticationRequired(
+            "authentication required: send 'Authorization: Bearer <token>'"
+        )
     return principal
 
 
@@ -172,7 +174,9 @@ def require_writer(principal: CurrentPrincipal) -> Principal:
     """Staff or admin: analysts are read-only."""
     require_reader(principal)
     if not principal.can_write:
-        raise PermissionDenied(f"role {principal.role.value if principal.role else None!r} is read-only")
+        raise PermissionDenied(
+            f"role {principal.role.value if principal.role else None!r} is read-only"
+        )
     return principal
 
 
@@ -194,12 +198,16 @@ def check_rig_access(principal: Principal, rig_id: int, *, write: bool) -> None:
     """Rig tokens reach only their own rig's sessions; lab members by role."""
     if principal.kind is TokenKind.rig:
         if principal.rig_id != rig_id:
-            raise PermissionDenied(f"this rig token belongs to rig {principal.rig_id}, not rig {rig_id}")
+            raise PermissionDenied(
+                f"this rig token belongs to rig {principal.rig_id}, not rig {rig_id}"
+            )
         return
     if principal.kind is TokenKind.worker:
         raise PermissionDenied("a worker token cannot use rig endpoints")
     if write and not principal.can_write:
-        raise PermissionDenied(f"role {principal.role.value if principal.role else None!r} is read-only")
+        raise PermissionDenied(
+            f"role {principal.role.value if principal.role else None!r} is read-only"
+        )
 
 
 Reader = Annotated[Principal, Depends(require_reader)]

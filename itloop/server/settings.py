@@ -51,15 +51,21 @@ class Settings(BaseSettings):
         elif value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         if not value.startswith(("sqlite", "postgresql")):
-            raise ValueError(f"database_url {value!r}: only sqlite:// and postgresql:// are supported")
+            raise ValueError(
+                f"database_url {value!r}: only sqlite:// and postgresql:// are supported"
+            )
         return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.environment == "production" and self.secret_key.get_secret_value() == DEV_SECRET_KEY:
+        if (
+            self.environment == "production"
+            and self.secret_key.get_secret_value() == DEV_SECRET_KEY
+        ):
             raise UnsafeSettingsError(
-                "ITLOOP_SECRET_KEY is the built-in development key; set a random value of at least "
-                "32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+                "ITLOOP_SECRET_KEY is the built-in development key; set a random value of at "
+                "least 32 characters, e.g. from "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
             )
         if self.environment == "production" and len(self.secret_key.get_secret_value()) < 32:
             raise UnsafeSettingsError(

@@ -28,9 +28,14 @@ class Server:
     def user_token(self, role: Role, email: str | None = None) -> str:
         with self.sessions() as db:
             user = accounts.create_user(
-                db, email=email or f"{role.value}@lab.test", password="correct horse battery", role=role
+                db,
+                email=email or f"{role.value}@lab.test",
+                password="correct horse battery",
+                role=role,
             )
-            _, secret = accounts.create_token(db, name=f"{role.value} token", kind=TokenKind.user, user_id=user.id)
+            _, secret = accounts.create_token(
+                db, name=f"{role.value} token", kind=TokenKind.user, user_id=user.id
+            )
         return secret
 
     def rig(self, name: str) -> int:
@@ -42,7 +47,9 @@ class Server:
 
     def rig_token(self, rig_id: int) -> str:
         with self.sessions() as db:
-            _, secret = accounts.create_token(db, name=f"rig {rig_id}", kind=TokenKind.rig, rig_id=rig_id)
+            _, secret = accounts.create_token(
+                db, name=f"rig {rig_id}", kind=TokenKind.rig, rig_id=rig_id
+            )
         return secret
 
     def worker_token(self) -> str:

@@ -1,4 +1,4 @@
-"""Who may do what: tokens, roles, rig scopes, cookies with CSRF, and refusals with no side effects."""
+"""Who may do what: tokens, roles, rig scopes, cookies with CSRF; refusals leave no trace."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ def test_no_token_is_401_and_stores_nothing(server: Server) -> None:
 
 
 def test_malformed_and_unknown_tokens_are_401(server: Server) -> None:
-    assert server.client.get("/api/v1/subjects", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert (
+        server.client.get("/api/v1/subjects", headers={"Authorization": "Basic abc"}).status_code
+        == 401
+    )
     assert server.client.get("/api/v1/subjects", headers=bearer("itl_nope")).status_code == 401
     forged = new_token().token
     assert server.client.get("/api/v1/subjects", headers=bearer(forged)).status_code == 401
@@ -101,7 +104,10 @@ def test_worker_token_cannot_touch_lab_data(server: Server) -> None:
     worker = server.worker_token()
     before = server.counts()
     assert server.client.get("/api/v1/subjects", headers=bearer(worker)).status_code == 403
-    assert server.client.post("/api/v1/subjects", json=SUBJECT, headers=bearer(worker)).status_code == 403
+    assert (
+        server.client.post("/api/v1/subjects", json=SUBJECT, headers=bearer(worker)).status_code
+        == 403
+    )
     assert server.counts() == before
 
 
@@ -111,7 +117,9 @@ def test_revoked_token_is_401(server: Server) -> None:
     assert server.client.get("/api/v1/subjects", headers=bearer(staff)).status_code == 200
     with server.sessions() as db:
         staff_id = max(t.id for t in db.query(ApiToken).all())
-    assert server.client.delete(f"/api/v1/tokens/{staff_id}", headers=bearer(admin)).status_code == 200
+    assert (
+        server.client.delete(f"/api/v1/tokens/{staff_id}", headers=bearer(admin)).status_code == 200
+    )
     before = server.counts()
     answer = server.client.post("/api/v1/subjects", json=SUBJECT, headers=bearer(staff))
     assert answer.status_code == 401
@@ -153,7 +161,10 @@ def test_tokens_are_stored_hashed_and_shown_once(server: Server) -> None:
 def test_only_admins_manage_tokens(server: Server) -> None:
     staff = server.user_token(Role.staff)
     before = server.counts()
-    assert server.client.post("/api/v1/tokens", json={"name": "x"}, headers=bearer(staff)).status_code == 403
+    assert (
+        server.client.post("/api/v1/tokens", json={"name": "x"}, headers=bearer(staff)).status_code
+        == 403
+    )
     assert server.client.get("/api/v1/tokens", headers=bearer(staff)).status_code == 403
     assert server.counts() == before
 

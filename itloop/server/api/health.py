@@ -19,5 +19,8 @@ def health(db: DbSession) -> Health:
         db.rollback()
         revision = None
     return Health(
-        status="ok", version=__version__, database=db.get_bind().dialect.name, schema_revision=revision
+        status="ok",
+        version=__version__,
+        database=db.get_bind().dialect.name,
+        schema_revision=revision,
     )

@@ -68,7 +68,9 @@ def get_subject(subject_id: int, db: DbSession, _who: Reader) -> Subject:
 
 
 @router.get("/arrays", response_model=list[ArrayOut])
-def list_arrays(db: DbSession, _who: Reader, subject_id: int | None = None) -> Sequence[ElectrodeArray]:
+def list_arrays(
+    db: DbSession, _who: Reader, subject_id: int | None = None
+) -> Sequence[ElectrodeArray]:
     query = select(ElectrodeArray).order_by(ElectrodeArray.id)
     if subject_id is not None:
         query = query.where(ElectrodeArray.subject_id == subject_id)
@@ -79,6 +81,8 @@ def list_arrays(db: DbSession, _who: Reader, subject_id: int | None = None) -> S
 def create_array(body: ArrayCreate, db: DbSession, who: Writer) -> ElectrodeArray:
     if db.get(Subject, body.subject_id) is None:
         raise InvalidInput(
-            f"subject_id {body.subject_id} does not exist", field="subject_id", value=body.subject_id
+            f"subject_id {body.subject_id} does not exist",
+            field="subject_id",
+            value=body.subject_id,
         )
     return _insert(db, ElectrodeArray(**body.model_dump()), who, "array")

@@ -21,7 +21,9 @@ def batch_status(session_id: int, db: DbSession, principal: CurrentPrincipal) ->
     check_rig_access(principal, session.rig_id, write=False)
     batch = db.scalar(select(Batch).where(Batch.session_id == session_id))
     if batch is None or batch.published_at is None:
-        raise NotFound(f"session {session_id} has no published batch yet", field="session_id", value=session_id)
+        raise NotFound(
+            f"session {session_id} has no published batch yet", field="session_id", value=session_id
+        )
     return {
         "session_id": session_id,
         "manifest_sha256": batch.manifest_sha256,

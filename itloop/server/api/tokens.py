@@ -30,7 +30,9 @@ def create_token(body: TokenCreate, db: DbSession, admin: Admin) -> TokenCreated
         expires_in_days=body.expires_in_days,
         actor=admin,
     )
-    return TokenCreated.model_validate({**TokenOut.model_validate(row).model_dump(), "token": secret})
+    return TokenCreated.model_validate(
+        {**TokenOut.model_validate(row).model_dump(), "token": secret}
+    )
 
 
 @router.delete("/{token_id}", response_model=TokenOut)
