@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[gpu,bench,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[gpu,bench,dev,rig]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

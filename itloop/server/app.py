@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from itloop import __version__
 from itloop.server.api import router as api_router
+from itloop.server.artifacts import ContentStore
 from itloop.server.db.engine import make_engine, make_sessionmaker
 from itloop.server.errors import CredentialsInUrl, ItloopError
 from itloop.server.security import TokenRedactingFilter, parse_token
@@ -134,6 +135,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = ContentStore(settings.artifact_dir)
     _install_log_redaction()
 
     @app.exception_handler(ItloopError)

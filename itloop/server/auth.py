@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -135,7 +136,7 @@ async def optional_principal(request: Request, db: DbSession) -> Principal | Non
         scheme, _, credentials = header.partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
             raise AuthenticationRequired("Authorization header must be 'Bearer <token>'")
-        return _principal_from_token(db, credentials.strip())
+        return await run_in_threadpool(_principal_from_token, db, credentials.strip())
     cookie = request.cookies.get(settings.session_cookie_name)
     if cookie is None:
         return None

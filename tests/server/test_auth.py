@@ -89,10 +89,12 @@ def test_rig_token_reaches_only_its_own_rigs_sessions(server: Server) -> None:
     session_a, session_b = _session_on_rig(server, rig_a), _session_on_rig(server, rig_b)
     token_a = server.rig_token(rig_a)
     before = server.counts()
-    other = server.client.get(f"/api/v1/sessions/{session_b}/batch", headers=bearer(token_a))
+    other = server.client.get(
+        f"/api/v1/sessions/{session_b}/batch/manifest", headers=bearer(token_a)
+    )
     assert other.status_code == 403
     assert f"rig {rig_a}" in other.json()["message"]
-    own = server.client.get(f"/api/v1/sessions/{session_a}/batch", headers=bearer(token_a))
+    own = server.client.get(f"/api/v1/sessions/{session_a}/batch/manifest", headers=bearer(token_a))
     assert own.status_code == 404  # its own session, with no batch published yet
     assert "no published batch" in own.json()["message"]
     # a rig token is not a lab member's token

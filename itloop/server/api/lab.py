@@ -8,10 +8,23 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from itloop.protocol.lab import ArrayCreate, ArrayOut, RigCreate, RigOut, SubjectCreate, SubjectOut
+from itloop.protocol.batches import manifest_digest
+from itloop.protocol.lab import (
+    ArrayCreate,
+    ArrayOut,
+    ProtocolCreate,
+    ProtocolOut,
+    RigCreate,
+    RigOut,
+    SiteCreate,
+    SiteOut,
+    SiteUpdate,
+    SubjectCreate,
+    SubjectOut,
+)
 from itloop.server import audit
 from itloop.server.auth import DbSession, Principal, Reader, Writer
-from itloop.server.db.tables import Base, ElectrodeArray, Rig, Subject
+from itloop.server.db.tables import Base, ElectrodeArray, Protocol, RecordingSite, Rig, Subject
 from itloop.server.errors import Conflict, InvalidInput, NotFound
 
 router = APIRouter(tags=["lab"])
@@ -86,3 +99,66 @@ def create_array(body: ArrayCreate, db: DbSession, who: Writer) -> ElectrodeArra
             value=body.subject_id,
         )
     return _insert(db, ElectrodeArray(**body.model_dump()), who, "array")
+
+
+@router.get("/sites", response_model=list[SiteOut])
+def list_sites(
+    db: DbSession,
+    _who: Reader,
+    array_id: int | None = None,
+    subject_id: int | None = None,
+    active: bool | None = None,
+) -> Sequence[RecordingSite]:
+    query = select(RecordingSite).order_by(RecordingSite.id)
+    if array_id is not None:
+        query = query.where(RecordingSite.array_id == array_id)
+    if subject_id is not None:
+        query = query.join(ElectrodeArray).where(ElectrodeArray.subject_id == subject_id)
+    if active is not None:
+        query = query.where(RecordingSite.active == active)
+    return db.scalars(query).all()
+
+
+@router.post("/sites", response_model=SiteOut, status_code=201)
+def create_site(body: SiteCreate, db: DbSession, who: Writer) -> RecordingSite:
+    array = db.get(ElectrodeArray, body.array_id)
+    if array is None:
+        raise InvalidInput(
+            f"array_id {body.array_id} does not exist", field="array_id", value=body.array_id
+        )
+    if body.electrode >= array.n_channels:
+        raise InvalidInput(
+            f"electrode {body.electrode} is outside array {array.name!r} of {array.n_channels}",
+            field="electrode",
+            value=body.electrode,
+        )
+    return _insert(db, RecordingSite(**body.model_dump()), who, "site")
+
+
+@router.patch("/sites/{site_id}", response_model=SiteOut)
+def update_site(site_id: int, body: SiteUpdate, db: DbSession, who: Writer) -> RecordingSite:
+    """Activate or deactivate a site (or relabel it); history is kept."""
+    site = _get(db, RecordingSite, site_id, "site")
+    changes = body.model_dump(exclude_none=True)
+    for name, value in changes.items():
+        setattr(site, name, value)
+    audit.record(db, who, "site.update", "site", site.id, **changes)
+    db.commit()
+    return site
+
+
+@router.get("/protocols", response_model=list[ProtocolOut])
+def list_protocols(db: DbSession, _who: Reader) -> Sequence[Protocol]:
+    return db.scalars(select(Protocol).order_by(Protocol.id)).all()
+
+
+@router.post("/protocols", response_model=ProtocolOut, status_code=201)
+def create_protocol(body: ProtocolCreate, db: DbSession, who: Writer) -> Protocol:
+    values = body.model_dump(mode="json")
+    digest = manifest_digest({k: v for k, v in values.items() if k != "name"})
+    return _insert(db, Protocol(**values, config_sha256=digest), who, "protocol")
+
+
+@router.get("/protocols/{protocol_id}", response_model=ProtocolOut)
+def get_protocol(protocol_id: int, db: DbSession, _who: Reader) -> Protocol:
+    return _get(db, Protocol, protocol_id, "protocol")

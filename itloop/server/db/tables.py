@@ -453,6 +453,7 @@ class Batch(TimestampMixin, Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     n_stimuli: Mapped[int]
     n_presentations: Mapped[int]
+    spare_event_codes: Mapped[list[Any]] = mapped_column(default=list)
     published_at: Mapped[dt.datetime | None]
     pulled_at: Mapped[dt.datetime | None]
     verified_at: Mapped[dt.datetime | None]
