@@ -1,0 +1,1 @@
+"""Estimators and figures over recorded responses (numpy and scipy only)."""
