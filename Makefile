@@ -15,7 +15,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[gpu,bench,dev,rig]'
+	$(BIN)/python -m pip install --quiet -e '.[gpu,dev,rig]'
+	# torchattacks pins an old requests (and so idna<3); it needs only torch at run time
+	$(BIN)/python -m pip install --quiet --no-deps torchattacks==3.5.1
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from itloop.server.db.engine import make_engine
-from itloop.server.db.tables import Base
+from itloop.server.db.tables import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata
@@ -30,11 +30,19 @@ def include_object(
     return True
 
 
+def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+    """Render the app's column types as plain SQLAlchemy types, so revisions stay frozen."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         include_object=include_object,
+        render_item=render_item,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         compare_server_default=True,

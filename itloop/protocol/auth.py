@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import EmailStr, Field
 
-from itloop.protocol.common import WireModel
+from itloop.protocol.common import Id, WireModel
 
 
 class Role(StrEnum):
@@ -41,8 +41,8 @@ class UserOut(WireModel):
 class TokenCreate(WireModel):
     name: str = Field(min_length=1, max_length=120)
     kind: TokenKind = TokenKind.user
-    rig_id: int | None = None
-    user_id: int | None = Field(default=None, description="owner of a user token; default: caller")
+    rig_id: Id | None = None
+    user_id: Id | None = Field(default=None, description="owner of a user token; default: caller")
     expires_in_days: int | None = Field(default=None, gt=0, le=3650)
 
 

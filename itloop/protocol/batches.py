@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from itloop.protocol.common import WireModel
+from itloop.protocol.common import MAX_ID, MAX_INT32, Id, WireModel
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 EventCode = Annotated[int, Field(ge=1, le=65535, description="digital word sent at onset")]
@@ -88,18 +88,24 @@ def manifest_digest(content: dict[str, object]) -> str:
 class UploadedPresentation(WireModel):
     """One presentation as it happened on the rig, with its per-site spike counts."""
 
-    seq: int = Field(ge=0, description="planned seq, or a new seq for a re-queued presentation")
-    stimulus_id: int
+    seq: int = Field(
+        ge=0, le=MAX_INT32, description="planned seq, or a new seq for a re-queued presentation"
+    )
+    stimulus_id: Id
     event_code: EventCode
-    onset_ticks: int | None = Field(ge=0, description="acquisition-clock onset; None if missing")
-    tick_rate_hz: int = Field(gt=0)
-    photodiode_delay_ticks: int | None = None
+    onset_ticks: int | None = Field(
+        ge=0, le=MAX_ID, description="acquisition-clock onset; None if missing"
+    )
+    tick_rate_hz: int = Field(gt=0, le=10**9)
+    photodiode_delay_ticks: int | None = Field(default=None, ge=-(10**9), le=10**9)
     fixation_ok: bool
-    frame_drops: int = Field(ge=0)
+    frame_drops: int = Field(ge=0, le=MAX_INT32)
     valid: bool = True
     invalid_reason: str | None = Field(default=None, max_length=200)
     complete: bool = Field(default=True, description="False if the window ran past the recording")
-    counts: list[int] = Field(description="spike counts, one per site of the chunk's site_ids")
+    counts: list[Annotated[int, Field(le=MAX_INT32)]] = Field(
+        description="spike counts, one per site of the chunk's site_ids"
+    )
 
     @field_validator("counts", mode="before")
     @classmethod
@@ -122,7 +128,7 @@ class UploadChunk(WireModel):
 
     window_start_ms: float = Field(ge=0)
     window_end_ms: float = Field(gt=0)
-    site_ids: list[int] = Field(min_length=1)
+    site_ids: list[Id] = Field(min_length=1, max_length=10_000)
     presentations: list[UploadedPresentation] = Field(min_length=1, max_length=50_000)
 
     @model_validator(mode="after")

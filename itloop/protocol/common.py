@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+Id = Annotated[int, Field(ge=1, le=MAX_ID, description="database id")]
 
 
 class WireModel(BaseModel):
@@ -27,3 +31,4 @@ class ErrorDetail(WireModel):
     message: str
     field: str | None = None
     value: Any = None
+    errors: list[dict[str, Any]] | None = None

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator, model_validator
 
-from itloop.protocol.common import WireModel
+from itloop.protocol.common import MAX_INT32, Id, WireModel
 
 
 class RigCreate(WireModel):
@@ -16,8 +16,8 @@ class RigCreate(WireModel):
     description: str = ""
     monitor_width_cm: float | None = Field(default=None, gt=0)
     viewing_distance_cm: float | None = Field(default=None, gt=0)
-    resolution_w_px: int | None = Field(default=None, gt=0)
-    resolution_h_px: int | None = Field(default=None, gt=0)
+    resolution_w_px: int | None = Field(default=None, gt=0, le=100_000)
+    resolution_h_px: int | None = Field(default=None, gt=0, le=100_000)
     refresh_rate_hz: float | None = Field(default=None, gt=0)
 
 
@@ -40,7 +40,7 @@ class SubjectOut(SubjectCreate):
 
 
 class ArrayCreate(WireModel):
-    subject_id: int
+    subject_id: Id
     name: str = Field(min_length=1, max_length=80)
     region: str = "IT"
     n_channels: int = Field(default=96, gt=0, le=4096)
@@ -54,9 +54,9 @@ class ArrayOut(ArrayCreate):
 
 
 class SiteCreate(WireModel):
-    array_id: int
-    electrode: int = Field(ge=0, description="electrode index within the array")
-    acq_channel: int = Field(ge=0, description="channel id in the acquisition system")
+    array_id: Id
+    electrode: int = Field(ge=0, le=4095, description="electrode index within the array")
+    acq_channel: int = Field(ge=0, le=MAX_INT32, description="channel id in the acquisition system")
     label: str = Field(default="", max_length=80)
     active: bool = True
 

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import Field
 
 from itloop.protocol.batches import StimulusKind
-from itloop.protocol.common import WireModel
+from itloop.protocol.common import Id, WireModel
 
 T = TypeVar("T")
 
@@ -26,11 +26,11 @@ class SessionState(StrEnum):
 
 
 class SessionCreate(WireModel):
-    subject_id: int
-    rig_id: int
-    protocol_id: int
+    subject_id: Id
+    rig_id: Id
+    protocol_id: Id
     scheduled_for: dt.datetime
-    site_ids: list[int] | None = Field(
+    site_ids: list[Id] | None = Field(
         default=None, description="sites to record and attack; default: the subject's active sites"
     )
     notes: str = ""

@@ -7,6 +7,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from itloop.protocol.batches import BatchManifest
+from itloop.server.api.params import PathId
 from itloop.server.artifacts import ContentStore
 from itloop.server.auth import CurrentPrincipal, DbSession, check_rig_access
 from itloop.server.batches import build_manifest, published_batch
@@ -24,7 +25,7 @@ def store_of(request: Request) -> ContentStore:
 
 @router.get("/manifest", response_model=BatchManifest)
 def manifest(
-    session_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    session_id: PathId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> BatchManifest:
     """The manifest of the session's published batch (404 until it is published)."""
     session = get_session(db, session_id)
@@ -43,7 +44,7 @@ def manifest(
     responses={200: {"content": {"image/png": {}}}, 206: {"description": "a byte range"}},
 )
 def image(
-    session_id: int, sha256: str, request: Request, db: DbSession, principal: CurrentPrincipal
+    session_id: PathId, sha256: str, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> FileResponse:
     """One stimulus image of the batch; honours ``Range: bytes=N-`` for resumed downloads."""
     session = get_session(db, session_id)

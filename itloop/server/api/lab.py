@@ -23,6 +23,7 @@ from itloop.protocol.lab import (
     SubjectOut,
 )
 from itloop.server import audit
+from itloop.server.api.params import PathId, QueryId
 from itloop.server.auth import DbSession, Principal, Reader, Writer
 from itloop.server.db.tables import Base, ElectrodeArray, Protocol, RecordingSite, Rig, Subject
 from itloop.server.errors import Conflict, InvalidInput, NotFound
@@ -61,7 +62,7 @@ def create_rig(body: RigCreate, db: DbSession, who: Writer) -> Rig:
 
 
 @router.get("/rigs/{rig_id}", response_model=RigOut)
-def get_rig(rig_id: int, db: DbSession, _who: Reader) -> Rig:
+def get_rig(rig_id: PathId, db: DbSession, _who: Reader) -> Rig:
     return _get(db, Rig, rig_id, "rig")
 
 
@@ -76,13 +77,13 @@ def create_subject(body: SubjectCreate, db: DbSession, who: Writer) -> Subject:
 
 
 @router.get("/subjects/{subject_id}", response_model=SubjectOut)
-def get_subject(subject_id: int, db: DbSession, _who: Reader) -> Subject:
+def get_subject(subject_id: PathId, db: DbSession, _who: Reader) -> Subject:
     return _get(db, Subject, subject_id, "subject")
 
 
 @router.get("/arrays", response_model=list[ArrayOut])
 def list_arrays(
-    db: DbSession, _who: Reader, subject_id: int | None = None
+    db: DbSession, _who: Reader, subject_id: QueryId = None
 ) -> Sequence[ElectrodeArray]:
     query = select(ElectrodeArray).order_by(ElectrodeArray.id)
     if subject_id is not None:
@@ -105,8 +106,8 @@ def create_array(body: ArrayCreate, db: DbSession, who: Writer) -> ElectrodeArra
 def list_sites(
     db: DbSession,
     _who: Reader,
-    array_id: int | None = None,
-    subject_id: int | None = None,
+    array_id: QueryId = None,
+    subject_id: QueryId = None,
     active: bool | None = None,
 ) -> Sequence[RecordingSite]:
     query = select(RecordingSite).order_by(RecordingSite.id)
@@ -136,7 +137,7 @@ def create_site(body: SiteCreate, db: DbSession, who: Writer) -> RecordingSite:
 
 
 @router.patch("/sites/{site_id}", response_model=SiteOut)
-def update_site(site_id: int, body: SiteUpdate, db: DbSession, who: Writer) -> RecordingSite:
+def update_site(site_id: PathId, body: SiteUpdate, db: DbSession, who: Writer) -> RecordingSite:
     """Activate or deactivate a site (or relabel it); history is kept."""
     site = _get(db, RecordingSite, site_id, "site")
     changes = body.model_dump(exclude_none=True)
@@ -160,5 +161,5 @@ def create_protocol(body: ProtocolCreate, db: DbSession, who: Writer) -> Protoco
 
 
 @router.get("/protocols/{protocol_id}", response_model=ProtocolOut)
-def get_protocol(protocol_id: int, db: DbSession, _who: Reader) -> Protocol:
+def get_protocol(protocol_id: PathId, db: DbSession, _who: Reader) -> Protocol:
     return _get(db, Protocol, protocol_id, "protocol")

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from itloop.protocol.sessions import ModelVersionOut
+from itloop.server.api.params import PathId, QueryId
 from itloop.server.auth import DbSession, Reader
 from itloop.server.db.tables import ModelVersion
 from itloop.server.errors import NotFound
@@ -26,7 +27,7 @@ def _get(db: DbSession, version_id: int) -> ModelVersion:
 
 @router.get("", response_model=list[ModelVersionOut])
 def list_versions(
-    db: DbSession, _who: Reader, subject_id: int | None = None
+    db: DbSession, _who: Reader, subject_id: QueryId = None
 ) -> Sequence[ModelVersion]:
     query = select(ModelVersion).order_by(ModelVersion.id)
     if subject_id is not None:
@@ -35,12 +36,12 @@ def list_versions(
 
 
 @router.get("/{version_id}", response_model=ModelVersionOut)
-def get_version(version_id: int, db: DbSession, _who: Reader) -> ModelVersion:
+def get_version(version_id: PathId, db: DbSession, _who: Reader) -> ModelVersion:
     return _get(db, version_id)
 
 
 @router.get("/{version_id}/lineage", response_model=list[ModelVersionOut])
-def lineage(version_id: int, db: DbSession, _who: Reader) -> list[ModelVersion]:
+def lineage(version_id: PathId, db: DbSession, _who: Reader) -> list[ModelVersion]:
     """This version and its ancestors, newest first (back to the day-0 model)."""
     chain = [_get(db, version_id)]
     seen = {version_id}

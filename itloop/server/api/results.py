@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from itloop.protocol.batches import StimulusKind as WireKind
 from itloop.protocol.sessions import Page, ResponseOut, SensitivityResultOut
+from itloop.server.api.params import QueryId
 from itloop.server.auth import DbSession, Reader
 from itloop.server.db.tables import (
     Analysis,
@@ -26,9 +27,9 @@ router = APIRouter(tags=["results"])
 def sensitivity(
     db: DbSession,
     _who: Reader,
-    subject_id: int | None = None,
-    site_id: int | None = None,
-    session_id: int | None = None,
+    subject_id: QueryId = None,
+    site_id: QueryId = None,
+    session_id: QueryId = None,
     eps_l2: float | None = None,
     kind: WireKind | None = None,
     day_from: dt.date | None = None,
@@ -61,9 +62,9 @@ def sensitivity(
 def responses(
     db: DbSession,
     _who: Reader,
-    session_id: int | None = None,
-    site_id: int | None = None,
-    stimulus_id: int | None = None,
+    session_id: QueryId = None,
+    site_id: QueryId = None,
+    stimulus_id: QueryId = None,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Page[ResponseOut]:

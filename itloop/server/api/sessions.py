@@ -11,6 +11,7 @@ from sqlalchemy import select
 from itloop.protocol.sessions import SessionCreate, SessionOut, SessionTransition
 from itloop.protocol.sessions import SessionState as WireState
 from itloop.server import sessions as service
+from itloop.server.api.params import PathId, QueryId
 from itloop.server.auth import CurrentPrincipal, DbSession, Reader, Writer, check_rig_access
 from itloop.server.db.tables import RecordingSession, SessionState
 
@@ -38,8 +39,8 @@ def to_wire(session: RecordingSession) -> SessionOut:
 def list_sessions(
     db: DbSession,
     _who: Reader,
-    subject_id: int | None = None,
-    rig_id: int | None = None,
+    subject_id: QueryId = None,
+    rig_id: QueryId = None,
     state: WireState | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
@@ -83,7 +84,7 @@ def schedule_session(
 
 
 @router.get("/{session_id}", response_model=SessionOut)
-def get_session(session_id: int, db: DbSession, principal: CurrentPrincipal) -> SessionOut:
+def get_session(session_id: PathId, db: DbSession, principal: CurrentPrincipal) -> SessionOut:
     session = service.get_session(db, session_id)
     check_rig_access(principal, session.rig_id, write=False)
     return to_wire(session)
@@ -91,7 +92,7 @@ def get_session(session_id: int, db: DbSession, principal: CurrentPrincipal) -> 
 
 @router.post("/{session_id}/transitions", response_model=SessionOut)
 def transition_session(
-    session_id: int, body: SessionTransition, db: DbSession, principal: CurrentPrincipal
+    session_id: PathId, body: SessionTransition, db: DbSession, principal: CurrentPrincipal
 ) -> SessionOut:
     """Move a session to another state; an impossible move is 409 naming both states."""
     session = service.get_session(db, session_id)

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from itloop.protocol.auth import TokenCreate, TokenCreated, TokenOut
 from itloop.server import accounts
+from itloop.server.api.params import PathId
 from itloop.server.auth import Admin, DbSession
 from itloop.server.db.tables import ApiToken, TokenKind
 
@@ -36,5 +37,5 @@ def create_token(body: TokenCreate, db: DbSession, admin: Admin) -> TokenCreated
 
 
 @router.delete("/{token_id}", response_model=TokenOut)
-def revoke_token(token_id: int, db: DbSession, admin: Admin) -> ApiToken:
+def revoke_token(token_id: PathId, db: DbSession, admin: Admin) -> ApiToken:
     return accounts.revoke_token(db, token_id, actor=admin)

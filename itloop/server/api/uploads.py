@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from itloop.protocol.batches import IDEMPOTENCY_KEY_PATTERN, UploadChunk, UploadReceipt
 from itloop.server import uploads
+from itloop.server.api.params import PathId
 from itloop.server.auth import CurrentPrincipal, DbSession, Principal, check_rig_access
 from itloop.server.errors import InvalidInput, ItloopError
 from itloop.server.sessions import get_session
@@ -49,7 +50,7 @@ class BadIdempotencyKey(ItloopError):
     },
 )
 async def upload(
-    session_id: int,
+    session_id: PathId,
     request: Request,
     db: DbSession,
     principal: CurrentPrincipal,
