@@ -337,3 +337,26 @@ def bench_attack(ctx: typer.Context) -> None:
     from itloop.stimulus.benchmark import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@bench_app.command("upload")
+def bench_upload(
+    database: Annotated[
+        list[str] | None,
+        typer.Option(help="'sqlite' or a PostgreSQL admin URL; repeat for several."),
+    ] = None,
+    presentations: Annotated[int, typer.Option(help="Presentations in the session.")] = 20_000,
+    sites: Annotated[int, typer.Option(help="Recording sites.")] = 192,
+    chunk: Annotated[int, typer.Option(help="Presentations per upload request.")] = 2_000,
+) -> None:
+    """Time the ingest of a 5-hour session through the API on loopback (prints JSON)."""
+    import json
+
+    from itloop.server.benchmark import main as bench_main
+
+    targets = database or ["sqlite", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"]
+    print(
+        json.dumps(
+            bench_main(targets, presentations=presentations, sites=sites, chunk=chunk), indent=2
+        )
+    )

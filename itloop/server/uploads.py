@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -235,13 +237,13 @@ def _store(
                 field=f"{where}.counts",
                 value=len(p.counts),
             )
-        for j, count in enumerate(p.counts):
-            if count < 0:
-                raise InvalidInput(
-                    f"{where}.counts[{j}] is {count}; spike counts cannot be negative",
-                    field=f"{where}.counts[{j}]",
-                    value=count,
-                )
+        if p.counts and min(p.counts) < 0:
+            j = next(j for j, count in enumerate(p.counts) if count < 0)
+            raise InvalidInput(
+                f"{where}.counts[{j}] is {p.counts[j]}; spike counts cannot be negative",
+                field=f"{where}.counts[{j}]",
+                value=p.counts[j],
+            )
 
     new_rows = [
         {
@@ -279,31 +281,58 @@ def _store(
         for p in chunk.presentations
     ]
     db.execute(update(Presentation), updates)
-    responses = [
-        {
-            "presentation_id": planned[p.seq][0],
-            "site_id": site_id,
-            "spike_count": count,
-            "window_start_ms": chunk.window_start_ms,
-            "window_end_ms": chunk.window_end_ms,
-            "complete": p.complete,
-        }
-        for p in chunk.presentations
-        for site_id, count in zip(chunk.site_ids, p.counts, strict=False)
-    ]
-    if responses:
-        db.execute(insert(Response), responses)
+    n_responses = _insert_responses(
+        db, chunk, {seq: row[0] for seq, row in planned.items()}, sorted(session_sites)
+    )
     receipt = UploadReceipt(
         session_id=session.id,
         chunk_sha256=request_sha256,
         n_presentations=len(chunk.presentations),
-        n_responses=len(responses),
+        n_responses=n_responses,
         stored_at=stored_at,
     )
     record.state = IdempotencyState.done
     record.status_code = 201
     record.response_body = receipt.model_dump(mode="json")
     return UploadOutcome(receipt, replayed=False)
+
+
+def pack_counts(counts: Sequence[int]) -> bytes:
+    """Counts as little-endian int32, the layout of ``responses.counts``."""
+    return np.asarray(counts, dtype="<i4").tobytes()
+
+
+def unpack_counts(blob: bytes, n_sites: int) -> NDArray[np.int32]:
+    values = np.frombuffer(blob, dtype="<i4")
+    if values.size != n_sites:
+        raise ValueError(f"response holds {values.size} counts, expected {n_sites}")
+    return values
+
+
+def _insert_responses(
+    db: Session, chunk: UploadChunk, presentation_ids: dict[int, int], canonical: list[int]
+) -> int:
+    """One row per presentation, counts reordered to the session's site order; returns the
+    number of site counts stored."""
+    order = [chunk.site_ids.index(site) for site in canonical]
+    rows = []
+    for p in chunk.presentations:
+        if not p.counts:
+            continue
+        counts = np.asarray(p.counts, dtype="<i4")[order]
+        rows.append(
+            {
+                "presentation_id": presentation_ids[p.seq],
+                "n_sites": len(canonical),
+                "counts": counts.tobytes(),
+                "window_start_ms": chunk.window_start_ms,
+                "window_end_ms": chunk.window_end_ms,
+                "complete": p.complete,
+            }
+        )
+    if rows:
+        db.execute(insert(Response), rows)
+    return len(rows) * len(canonical)
 
 
 def _invalid_reason(p: UploadedPresentation) -> str | None:

@@ -12,6 +12,7 @@ import pytest
 
 from itloop.protocol.batches import BatchManifest
 from itloop.server.db.tables import Presentation, RecordingSession, Response, Role, SessionState
+from itloop.server.uploads import unpack_counts
 
 from .conftest import Server, bearer
 from .lab_fixture import make_lab
@@ -197,7 +198,8 @@ def test_upload_stores_once_and_replays(server: Server) -> None:
     assert server.counts() == counts
     with server.sessions() as db:
         stored = db.query(Response).order_by(Response.id).all()
-        assert [r.spike_count for r in stored[:3]] == [0, 1, 2]
+        assert [unpack_counts(r.counts, r.n_sites)[0] for r in stored] == [0, 1, 2]
+        assert list(unpack_counts(stored[1].counts, stored[1].n_sites)) == [1, 2, 3]
         uploaded = db.query(Presentation).filter(Presentation.uploaded_at.isnot(None)).count()
         assert uploaded == 3
 
@@ -359,6 +361,17 @@ def test_responses_and_sessions_are_readable_by_analysts(server: Server) -> None
         "/api/v1/responses", params={"site_id": lab.site_ids[1]}, headers=bearer(analyst)
     ).json()
     assert [r["spike_count"] for r in by_site["items"]] == [1, 2]
+    assert by_site["total"] == 2
+    everything = server.client.get(
+        "/api/v1/responses", params={"session_id": lab.session_id}, headers=bearer(analyst)
+    ).json()["items"]
+    for offset in range(len(everything)):
+        page = server.client.get(
+            "/api/v1/responses",
+            params={"session_id": lab.session_id, "offset": offset, "limit": 2},
+            headers=bearer(analyst),
+        ).json()
+        assert page["items"] == everything[offset : offset + 2]
     sessions = server.client.get("/api/v1/sessions", headers=bearer(analyst)).json()
     assert sessions[0]["state"] == "running"
     day = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
@@ -370,3 +383,22 @@ def test_responses_and_sessions_are_readable_by_analysts(server: Server) -> None
         ).json()
         == []
     )
+
+
+def test_counts_in_any_site_order_are_stored_by_site(server: Server) -> None:
+    lab = make_lab(server)
+    _running(server, lab)
+    rig = server.rig_token(lab.rig_id)
+    body = _chunk(lab, [0, 1])
+    body["site_ids"] = lab.site_ids[::-1]
+    for p in body["presentations"]:
+        p["counts"] = [10 * p["seq"] + site for site in body["site_ids"]]
+    assert _post(server, lab, rig, body, "chunk-order-001").status_code == 201
+    analyst = server.user_token(Role.analyst)
+    items = server.client.get(
+        "/api/v1/responses", params={"session_id": lab.session_id}, headers=bearer(analyst)
+    ).json()["items"]
+    assert len(items) == 2 * len(lab.site_ids)
+    by_key = {(i["presentation_id"], i["site_id"]): i["spike_count"] for i in items}
+    seq_of = {p: n for n, p in enumerate(sorted({i["presentation_id"] for i in items}))}
+    assert all(count == 10 * seq_of[pid] + site for (pid, site), count in by_key.items())

@@ -1,4 +1,4 @@
-"""Property-based API testing: generated requests never cause a server error or a schema violation."""
+"""Property-based API tests: generated requests never get a server error or break the schema."""
 
 from __future__ import annotations
 

@@ -694,14 +694,14 @@ def upgrade() -> None:
 
     op.create_table(
         "responses",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("presentation_id", sa.Integer(), nullable=False),
-        sa.Column("site_id", sa.Integer(), nullable=False),
-        sa.Column("spike_count", sa.Integer(), nullable=False),
+        sa.Column("n_sites", sa.Integer(), nullable=False),
+        sa.Column("counts", sa.LargeBinary(), nullable=False),
         sa.Column("window_start_ms", sa.Float(), nullable=False),
         sa.Column("window_end_ms", sa.Float(), nullable=False),
         sa.Column("complete", sa.Boolean(), nullable=False),
-        sa.CheckConstraint("spike_count >= 0", name=op.f("ck_responses_count_nonnegative")),
+        sa.CheckConstraint("n_sites > 0", name=op.f("ck_responses_n_sites_positive")),
         sa.CheckConstraint(
             "window_end_ms > window_start_ms", name=op.f("ck_responses_window_ordered")
         ),
@@ -711,25 +711,12 @@ def upgrade() -> None:
             name=op.f("fk_responses_presentation_id_presentations"),
             ondelete="RESTRICT",
         ),
-        sa.ForeignKeyConstraint(
-            ["site_id"],
-            ["recording_sites.id"],
-            name=op.f("fk_responses_site_id_recording_sites"),
-            ondelete="RESTRICT",
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_responses")),
-        sa.UniqueConstraint(
-            "presentation_id", "site_id", name=op.f("uq_responses_presentation_id_site_id")
-        ),
+        sa.UniqueConstraint("presentation_id", name=op.f("uq_responses_presentation_id")),
     )
-    with op.batch_alter_table("responses", schema=None) as batch_op:
-        batch_op.create_index("ix_responses_site", ["site_id"], unique=False)
 
 
 def downgrade() -> None:
-
-    with op.batch_alter_table("responses", schema=None) as batch_op:
-        batch_op.drop_index("ix_responses_site")
 
     op.drop_table("responses")
     with op.batch_alter_table("sensitivity_results", schema=None) as batch_op:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
@@ -17,8 +18,10 @@ from itloop.server.db.tables import (
     Presentation,
     Response,
     SensitivityResult,
+    SessionSite,
     StimulusKind,
 )
+from itloop.server.uploads import unpack_counts
 
 router = APIRouter(tags=["results"])
 
@@ -65,34 +68,69 @@ def responses(
     session_id: QueryId = None,
     site_id: QueryId = None,
     stimulus_id: QueryId = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Page[ResponseOut]:
-    """Spike counts, one row per presentation × site, in a stable order."""
-    base = select(Response, Presentation).join(
+    """Spike counts, one item per presentation × site, in a stable order."""
+    base = select(Response.id, Response.n_sites).join(
         Presentation, Presentation.id == Response.presentation_id
     )
     if session_id is not None:
         base = base.where(Presentation.session_id == session_id)
-    if site_id is not None:
-        base = base.where(Response.site_id == site_id)
     if stimulus_id is not None:
         base = base.where(Presentation.stimulus_id == stimulus_id)
-    total = db.scalar(select(func.count()).select_from(base.subquery())) or 0
-    rows = db.execute(base.order_by(Response.id).offset(offset).limit(limit)).all()
-    items = [
-        ResponseOut(
-            presentation_id=p.id,
-            session_id=p.session_id,
-            stimulus_id=p.stimulus_id,
-            site_id=r.site_id,
-            spike_count=r.spike_count,
-            window_start_ms=r.window_start_ms,
-            window_end_ms=r.window_end_ms,
-            complete=r.complete,
-            valid=p.valid,
-            fixation_ok=p.fixation_ok,
+    if site_id is not None:
+        base = base.join(
+            SessionSite,
+            (SessionSite.session_id == Presentation.session_id) & (SessionSite.site_id == site_id),
         )
-        for r, p in rows
-    ]
+    index = db.execute(base.order_by(Response.id)).all()
+    widths = np.array([1 if site_id is not None else n for _, n in index], dtype=np.int64)
+    ends = np.cumsum(widths)
+    total = int(ends[-1]) if ends.size else 0
+    first = int(np.searchsorted(ends, offset, side="right"))
+    items: list[ResponseOut] = []
+    sites_of: dict[int, list[int]] = {}
+    row = first
+    while row < len(index) and len(items) < limit:
+        response, presentation = db.execute(
+            select(Response, Presentation)
+            .join(Presentation, Presentation.id == Response.presentation_id)
+            .where(Response.id == index[row][0])
+        ).one()
+        session_sites = sites_of.get(presentation.session_id)
+        if session_sites is None:
+            session_sites = sorted(
+                db.scalars(
+                    select(SessionSite.site_id).where(
+                        SessionSite.session_id == presentation.session_id
+                    )
+                )
+            )
+            sites_of[presentation.session_id] = session_sites
+        counts = unpack_counts(response.counts, response.n_sites)
+        pairs = list(zip(session_sites, counts.tolist(), strict=True))
+        if site_id is not None:
+            pairs = [pair for pair in pairs if pair[0] == site_id]
+        skip = offset - int(ends[row - 1]) if row == first and row > 0 else 0
+        if row == first and row == 0:
+            skip = offset
+        for site, count in pairs[max(skip, 0) :]:
+            if len(items) >= limit:
+                break
+            items.append(
+                ResponseOut(
+                    presentation_id=presentation.id,
+                    session_id=presentation.session_id,
+                    stimulus_id=presentation.stimulus_id,
+                    site_id=site,
+                    spike_count=int(count),
+                    window_start_ms=response.window_start_ms,
+                    window_end_ms=response.window_end_ms,
+                    complete=response.complete,
+                    valid=presentation.valid,
+                    fixation_ok=presentation.fixation_ok,
+                )
+            )
+        row += 1
     return Page[ResponseOut](items=items, total=total, offset=offset, limit=limit)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -511,22 +512,25 @@ class Presentation(Base):
 
 
 class Response(Base):
-    """The spike count of one site in the half-open window [start, end) after one onset."""
+    """The spike counts of every site of a session after one onset, in [start, end).
+
+    ``counts`` packs one little-endian int32 per site, in the order of the session's sites by
+    ascending site id (``session_sites``): a session is a dense presentation × site matrix, and
+    one row per presentation keeps a 5-hour upload (20,000 × 192) to 20,000 rows.
+    """
 
     __tablename__ = "responses"
     __table_args__ = (
-        UniqueConstraint("presentation_id", "site_id"),
-        CheckConstraint("spike_count >= 0", name="count_nonnegative"),
+        CheckConstraint("n_sites > 0", name="n_sites_positive"),
         CheckConstraint("window_end_ms > window_start_ms", name="window_ordered"),
-        Index("ix_responses_site", "site_id"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True)
     presentation_id: Mapped[int] = mapped_column(
-        ForeignKey("presentations.id", ondelete="RESTRICT")
+        ForeignKey("presentations.id", ondelete="RESTRICT"), unique=True
     )
-    site_id: Mapped[int] = mapped_column(ForeignKey("recording_sites.id", ondelete="RESTRICT"))
-    spike_count: Mapped[int]
+    n_sites: Mapped[int]
+    counts: Mapped[bytes] = mapped_column(LargeBinary)
     window_start_ms: Mapped[float] = mapped_column(Float)
     window_end_ms: Mapped[float] = mapped_column(Float)
     complete: Mapped[bool] = mapped_column(Boolean, default=True)
