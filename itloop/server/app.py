@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from itloop import __version__
 from itloop.server.api import router as api_router
 from itloop.server.artifacts import ContentStore
+from itloop.server.ui import router as ui_router
 from itloop.server.db.engine import make_engine, make_sessionmaker
 from itloop.server.errors import CredentialsInUrl, ItloopError
 from itloop.server.security import TokenRedactingFilter, parse_token
@@ -166,6 +167,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         return JSONResponse(body, status_code=422)
 
     app.include_router(api_router)
+    app.include_router(ui_router)
     swagger_dir = swagger_ui_bundle.swagger_ui_path
     app.mount("/static/swagger", StaticFiles(directory=swagger_dir), name="swagger")
 
