@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from itloop import __version__
+from itloop.rig_client.cli import app as rig_app
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -35,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 app.add_typer(bench_app, name="bench")
+app.add_typer(rig_app, name="rig")
 
 console = Console()
 err = Console(stderr=True)
