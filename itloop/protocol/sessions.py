@@ -92,6 +92,8 @@ class SensitivityResultOut(WireModel):
     ci_low: float
     ci_high: float
     sigma_clean: float
+    naive_abs_normalised: float = Field(description="mean |Δr| / σ: biased upward by noise")
+    rms_normalised: float = Field(description="RMS Δr / σ, the paper's control measure")
 
 
 class ResponseOut(WireModel):

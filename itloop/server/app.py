@@ -19,13 +19,15 @@ from sqlalchemy import Engine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from itloop import __version__
+from itloop.protocol.jobs import JobKind
 from itloop.server.api import router as api_router
 from itloop.server.artifacts import ContentStore
-from itloop.server.ui import router as ui_router
 from itloop.server.db.engine import make_engine, make_sessionmaker
 from itloop.server.errors import CredentialsInUrl, ItloopError
+from itloop.server.jobs import JobService
 from itloop.server.security import TokenRedactingFilter, parse_token
 from itloop.server.settings import Settings
+from itloop.server.ui import router as ui_router
 
 CREDENTIAL_QUERY_PARAMS = frozenset(
     {"access_token", "token", "api_key", "apikey", "api_token", "auth", "authorization", "bearer"}
@@ -121,6 +123,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        jobs.close()
         if owns_engine:
             engine.dispose()
 
@@ -137,6 +140,18 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = ContentStore(settings.artifact_dir)
+    jobs = JobService(settings, app.state.sessionmaker)
+    app.state.jobs = jobs
+
+    def enqueue_generation(session_id: int) -> None:
+        jobs.enqueue(
+            JobKind.generate,
+            {"session_id": session_id},
+            key=f"session-{session_id}",
+            session_id=session_id,
+        )
+
+    app.state.enqueue_generation = enqueue_generation
     _install_log_redaction()
 
     @app.exception_handler(ItloopError)

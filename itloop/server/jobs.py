@@ -313,5 +313,10 @@ class JobService:
                 job.progress = 1.0
                 if isinstance(wf.output, dict):
                     job.result = wf.output
+            elif wf.status == "MAX_RECOVERY_ATTEMPTS_EXCEEDED":
+                job.error = job.error or (
+                    f"interrupted {wf.recovery_attempts} times (worker crashes or kills); "
+                    "not retried again"
+                )
             elif state is JobState.failed:
                 job.error = job.error or _describe(wf.error) or wf.status

@@ -40,6 +40,23 @@ class Settings(BaseSettings):
     refit_cron: str = "0 2 * * *"
     refit_timezone: str = "UTC"
     worker_concurrency: int = Field(default=1, ge=1)
+    model_backbone: str = Field(default="resnet50", description="registered backbone of day 0")
+    model_layer: str | None = Field(default=None, description="cut layer; default: the backbone's")
+    model_checkpoint: Path | None = Field(
+        default=None, description="lab-provided backbone checkpoint for day 0"
+    )
+    model_checkpoint_trusted: bool = Field(
+        default=False, description="allow pickled (MadryLab robustness) checkpoints"
+    )
+    model_input_px: int = Field(default=224, ge=16, le=1024)
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    worker_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$",
+        description="durable identity of a worker (its DBOS executor id); keep it across "
+        "restarts so a restarted worker resumes its unfinished jobs; default: "
+        "'<host>-worker' (or '<host>-serve' for the in-process worker)",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -665,6 +665,8 @@ def upgrade() -> None:
         sa.Column("ci_low", sa.Float(), nullable=False),
         sa.Column("ci_high", sa.Float(), nullable=False),
         sa.Column("sigma_clean", sa.Float(), nullable=False),
+        sa.Column("naive_abs_normalised", sa.Float(), nullable=False),
+        sa.Column("rms_normalised", sa.Float(), nullable=False),
         sa.CheckConstraint(
             "n_images >= 0", name=op.f("ck_sensitivity_results_n_images_nonnegative")
         ),

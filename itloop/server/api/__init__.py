@@ -9,6 +9,7 @@ from itloop.server.api import (
     auth,
     batches,
     health,
+    jobs,
     lab,
     models,
     results,
@@ -33,7 +34,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
-for module in (health, auth, users, tokens, lab, sessions, batches, uploads, models, results):
+for module in (
+    health,
+    auth,
+    users,
+    tokens,
+    lab,
+    sessions,
+    batches,
+    uploads,
+    models,
+    results,
+    jobs,
+):
     router.include_router(module.router)
 
 __all__ = ["router"]

@@ -620,3 +620,5 @@ class SensitivityResult(Base):
     ci_low: Mapped[float] = mapped_column(Float)
     ci_high: Mapped[float] = mapped_column(Float)
     sigma_clean: Mapped[float] = mapped_column(Float)
+    naive_abs_normalised: Mapped[float] = mapped_column(Float)
+    rms_normalised: Mapped[float] = mapped_column(Float)

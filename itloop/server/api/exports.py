@@ -1,0 +1,78 @@
+"""Analysts' exports: a session as NWB, responses and sensitivity results as CSV or Parquet."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+from itloop.protocol.batches import StimulusKind as WireKind
+from itloop.server.api.params import PathId, QueryId
+from itloop.server.auth import DbSession, Reader
+from itloop.server.db.tables import StimulusKind
+from itloop.server.exports.tables import encode, media_type, responses_table, sensitivity_table
+from itloop.server.sessions import get_session
+from itloop.server.ui.sessions import nwb_download
+
+router = APIRouter(tags=["exports"])
+Fmt = Literal["csv", "parquet"]
+_TABLE_RESPONSES = {
+    200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}},
+}
+
+
+def _attachment(body: bytes, fmt: Fmt, filename: str) -> Response:
+    return Response(
+        body,
+        media_type=media_type(fmt),
+        headers={"Content-Disposition": f'attachment; filename="{filename}.{fmt}"'},
+    )
+
+
+@router.get(
+    "/sessions/{session_id}/export.nwb",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/x-nwb": {}}}},
+)
+def session_nwb(session_id: PathId, db: DbSession, _who: Reader) -> FileResponse:
+    """The session as one NWB file (409 until its batch is published)."""
+    get_session(db, session_id)
+    return nwb_download(db, session_id)
+
+
+@router.get("/exports/responses.{fmt}", response_class=Response, responses=_TABLE_RESPONSES)
+def responses_export(fmt: Fmt, session_id: PathId, db: DbSession, _who: Reader) -> Response:
+    """Spike counts of one session, one row per presentation × site (long format)."""
+    get_session(db, session_id)
+    return _attachment(
+        encode(responses_table(db, [session_id]), fmt), fmt, f"responses-session-{session_id}"
+    )
+
+
+@router.get("/exports/sensitivity.{fmt}", response_class=Response, responses=_TABLE_RESPONSES)
+def sensitivity_export(
+    fmt: Fmt,
+    db: DbSession,
+    _who: Reader,
+    subject_id: QueryId = None,
+    session_id: QueryId = None,
+    site_id: QueryId = None,
+    eps_l2: float | None = None,
+    kind: WireKind | None = None,
+    day_from: dt.date | None = None,
+    day_to: dt.date | None = None,
+) -> Response:
+    """Sensitivity results with their analysis's provenance; filters combine with AND."""
+    table = sensitivity_table(
+        db,
+        subject_id=subject_id,
+        session_id=session_id,
+        site_id=site_id,
+        eps_l2=eps_l2,
+        kind=StimulusKind(kind.value) if kind is not None else None,
+        day_from=day_from,
+        day_to=day_to,
+    )
+    return _attachment(encode(table, fmt), fmt, "sensitivity")
