@@ -151,10 +151,23 @@ def worker() -> None:
     """Run a worker process: takes jobs from the GPU and CPU queues until stopped."""
     from itloop.worker.main import run_worker
 
+    _log_to_console()
     settings = load_settings()
     settings.prepare_data_dir()
     console.print(f"worker on {_display_url(settings.effective_database_url)}")
     run_worker(settings)
+
+
+def _log_to_console() -> None:
+    """itloop's own log records (INFO and up) on stderr, with a time stamp."""
+    import logging
+
+    logger = logging.getLogger("itloop")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _display_url(url: str) -> str:

@@ -15,6 +15,7 @@ Steps (each durable; a killed worker resumes after the last finished one):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ from itloop.worker.modelstore import create_day0_version, load_model, site_order
 from itloop.worker.workflows import JobRun, job_workflow
 
 __all__ = ["SITES_PER_CHUNK", "generate", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 SITES_PER_CHUNK = 8
 CONTROL_KINDS = {"noise": StimulusKind.noise, "interpolation": StimulusKind.interpolation}
@@ -233,6 +236,13 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
             }
         )
     out += _controls(plan, work, clean_levels, f_clean_all, engine, readout, store, chunk, device)
+    log.info(
+        "session %s: stimuli of site chunk %d/%d made (%d stimuli)",
+        plan["session_id"],
+        chunk + 1,
+        math.ceil(len(plan["sites"]) / SITES_PER_CHUNK),
+        len(out),
+    )
     return out
 
 

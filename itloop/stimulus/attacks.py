@@ -1,0 +1,510 @@
+"""Per-site L2 PGD on a model of IT, batched over images × sites × ε × signs, quantisation-aware.
+
+Each row of a job is one (image, site, ε, sign, restart). A batch of rows runs as one forward and
+one input-gradient backward per step: the objective is the SUM over rows of
+``sign · f_site(x + δ)``, and since rows are independent in an eval-mode network (BatchNorm uses
+running statistics), the gradient of that sum with respect to the batched input is every row's own
+gradient. Maximising ``sign · f`` is the paper's ``MSE(f, ±1000)`` up to a positive per-row
+factor ``2·|1000 − sign·f|``, which the L2-normalised step removes, while ``|f| < 1000``.
+
+The loop: random start uniform in the ball, then ``steps`` of ``δ ← Π(δ + (ε/3)·g/‖g‖)`` with Π the
+exact projection onto ball ∩ box (:mod:`itloop.stimulus.constraints`), keeping the iterate with the
+largest predicted change. The image, δ and Π are fp32; so is the first layer's input (see
+:mod:`itloop.stimulus.precision`); the rest may run under bf16 autocast. Then the perturbation is
+moved onto the 8-bit grid within the requested ε
+(:func:`~itloop.stimulus.quantisation.quantise_perturbation`, guided by the gradient at the rounded
+point), and ``f(x)`` and ``f(x + δ)`` of the generating model are computed in exact fp32 on the
+quantised clean and perturbed images. Signs and restarts are then chosen by that predicted change
+alone (:func:`select_largest_change`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from itloop.stimulus.constraints import project_l2_box_rows
+from itloop.stimulus.errors import AttackError
+from itloop.stimulus.folding import fold_batchnorm
+from itloop.stimulus.precision import exact_fp32, keep_first_conv_fp32
+from itloop.stimulus.quantisation import (
+    LEVELS,
+    from_levels,
+    quantise_perturbation,
+    realised_eps_l2,
+    to_levels,
+)
+from itloop.stimulus.sharding import gather_to_first, shard_bounds, world
+
+__all__ = [
+    "AttackConfig",
+    "AttackEngine",
+    "AttackResult",
+    "AttackRows",
+    "row_noise",
+    "select_largest_change",
+]
+
+_DIMS = (1, 2, 3)
+_BOX_TOL = 1e-6
+_NORM_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class AttackRows:
+    """The rows of an attack job: (R,) image, site, requested ε (L2, [0, 1] units) and sign (±1)."""
+
+    image_index: Tensor
+    site_index: Tensor
+    eps_l2: Tensor
+    sign: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.image_index.shape[0] if self.image_index.ndim == 1 else -1
+        for name in ("image_index", "site_index", "eps_l2", "sign"):
+            t: Tensor = getattr(self, name)
+            if t.ndim != 1 or t.shape[0] != n:
+                raise ValueError(f"{name} must be ({n},), got {tuple(t.shape)}")
+        if self.image_index.dtype != torch.int64 or self.site_index.dtype != torch.int64:
+            raise ValueError("image_index and site_index must be int64")
+        if n and bool((self.image_index < 0).any() | (self.site_index < 0).any()):
+            raise ValueError("image_index and site_index must be >= 0")
+        if n and (not bool(torch.isfinite(self.eps_l2).all()) or bool((self.eps_l2 < 0).any())):
+            raise ValueError(f"eps_l2 must be finite and >= 0, got {self.eps_l2.tolist()!r}")
+        if n and not bool(((self.sign == 1) | (self.sign == -1)).all()):
+            raise ValueError(f"sign must be +1 or -1, got {sorted(set(self.sign.tolist()))!r}")
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    @classmethod
+    def grid(
+        cls,
+        image_index: Sequence[int] | Tensor,
+        site_index: Sequence[int] | Tensor,
+        eps_l2: Sequence[float],
+        *,
+        signs: Sequence[int] = (1, -1),
+        restarts: int = 1,
+    ) -> AttackRows:
+        """Rows for (image, site) pairs × ε × restarts × signs, sign varying fastest.
+
+        image_index, site_index: (P,) the pairs (each site has its own images in the paper's
+        design).
+        """
+        img = torch.as_tensor(image_index, dtype=torch.int64).flatten()
+        site = torch.as_tensor(site_index, dtype=torch.int64).flatten()
+        if img.shape != site.shape:
+            raise ValueError(f"{img.numel()} image indices for {site.numel()} site indices")
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        eps = torch.as_tensor(list(eps_l2), dtype=torch.float64)
+        sg = torch.as_tensor(list(signs), dtype=torch.int8)
+        n_e, n_s = eps.numel(), sg.numel()
+        per_pair = n_e * restarts * n_s
+        return cls(
+            image_index=img.repeat_interleave(per_pair),
+            site_index=site.repeat_interleave(per_pair),
+            eps_l2=eps.repeat_interleave(restarts * n_s).repeat(img.numel()),
+            sign=sg.repeat(img.numel() * n_e * restarts),
+        )
+
+    def take(self, index: Tensor) -> AttackRows:
+        """The rows at (K,) int64 index."""
+        return AttackRows(
+            self.image_index[index], self.site_index[index], self.eps_l2[index], self.sign[index]
+        )
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """One attack's output, per row; every tensor on the CPU.
+
+    row_index: (R,) index into the job's AttackRows; image_index, site_index, sign: (R,) as
+    requested; eps_l2: (R,) float64 requested ε; realised_eps_l2: (R,) float64 L2 of the quantised
+    perturbation; delta_levels: (R, C, H, W) int16 quantised perturbation in 8-bit levels (δ =
+    delta_levels / 255); f_clean, f_adv: (R,) float32 generating model's prediction for the site on
+    the quantised clean and perturbed images (exact fp32); f_adv_unquantised: (R,) the attack loop's
+    prediction before rounding.
+    """
+
+    row_index: Tensor
+    image_index: Tensor
+    site_index: Tensor
+    sign: Tensor
+    eps_l2: Tensor
+    realised_eps_l2: Tensor
+    delta_levels: Tensor
+    f_clean: Tensor
+    f_adv: Tensor
+    f_adv_unquantised: Tensor
+
+    def __len__(self) -> int:
+        return int(self.row_index.shape[0])
+
+    @property
+    def delta(self) -> Tensor:
+        """(R, C, H, W) float32 quantised perturbation in [0, 1] units."""
+        return self.delta_levels.float() / LEVELS
+
+    @property
+    def predicted_change(self) -> Tensor:
+        """(R,) f(x + δ) − f(x) on the quantised images."""
+        return self.f_adv - self.f_clean
+
+    def adversarial_levels(self, clean_levels: Tensor) -> Tensor:
+        """(M, C, H, W) uint8 clean images of the job -> (R, C, H, W) uint8 perturbed stimuli."""
+        base = clean_levels[self.image_index].to(torch.int16)
+        return (base + self.delta_levels).to(torch.uint8)
+
+    def take(self, index: Tensor) -> AttackResult:
+        """The rows at (K,) int64 index."""
+        return AttackResult(**{k: getattr(self, k)[index] for k in _RESULT_FIELDS})
+
+    @staticmethod
+    def concat(parts: Sequence[AttackResult]) -> AttackResult:
+        """Rows of several results, in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return AttackResult(
+            **{k: torch.cat([getattr(p, k) for p in parts]) for k in _RESULT_FIELDS}
+        )
+
+
+_RESULT_FIELDS = tuple(AttackResult.__dataclass_fields__)
+
+
+def select_largest_change(result: AttackResult) -> AttackResult:
+    """Per (image, site, ε), the row (sign, restart) with the largest predicted |f(x + δ) − f(x)|.
+
+    Ties go to the earlier row. Returns the kept rows in order of their first row.
+    """
+    if len(result) == 0:
+        return result
+    img = result.image_index.numpy()
+    site = result.site_index.numpy()
+    eps = result.eps_l2.numpy()
+    change = result.predicted_change.abs().double().numpy()
+    n = len(result)
+    order = np.lexsort((np.arange(n), -change, eps, site, img))
+    keys = np.stack([img[order], site[order], eps[order]], axis=1)
+    first = np.ones(n, dtype=bool)
+    first[1:] = np.any(keys[1:] != keys[:-1], axis=1)
+    kept = np.sort(order[first])
+    return result.take(torch.from_numpy(kept))
+
+
+def _mix_seed(base: int, row: int) -> int:
+    """splitmix64 of (base, row): a well-spread 63-bit seed per row, independent of batching."""
+    z = (base + 0x9E3779B97F4A7C15 * (row + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def row_noise(
+    base_seed: int, rows: Sequence[int], shape: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-row random-start draws: ((B, *shape) N(0, 1), (B,) U(0, 1)), each row from its own seed.
+
+    A row's draws depend only on (base_seed, row), so any sharding or batching gives the same start.
+    """
+    gen = torch.Generator(device=device)
+    noise = torch.empty((len(rows), *shape), device=device)
+    u = torch.empty(len(rows), device=device)
+    for i, r in enumerate(rows):
+        gen.manual_seed(_mix_seed(base_seed, int(r)))
+        noise[i].normal_(generator=gen)
+        u[i : i + 1].uniform_(generator=gen)
+    return noise, u
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """How the attack runs; the defaults are the paper's (100 steps of ε/3, random start).
+
+    autocast_dtype: dtype of the network body in the loop (None: fp32); the first layer stays fp32.
+    projection_iterations: active-set updates of the projection per step (feasible after any
+    number).
+    """
+
+    steps: int = 100
+    step_ratio: float = 1.0 / 3.0
+    batch_size: int = 256
+    autocast_dtype: torch.dtype | None = torch.bfloat16
+    keep_best: bool = True
+    projection_iterations: int = 8
+    fold_batchnorm: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: str | None = None
+    quantisation_aware: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
+            raise ValueError(
+                f"steps ({self.steps}) must be >= 0, batch_size ({self.batch_size}) and "
+                f"projection_iterations ({self.projection_iterations}) >= 1"
+            )
+        if not self.step_ratio > 0:
+            raise ValueError(f"step_ratio must be > 0, got {self.step_ratio}")
+
+
+GradFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class AttackEngine:
+    """Runs :class:`AttackConfig` attacks of one model; builds its fast copy once and reuses it.
+
+    model: an nn.Module mapping (B, C, H, W) images in [0, 1] to (B, N) site responses. It is the
+    generating model: its exact-fp32 predictions are recorded. The loop runs on a copy (BatchNorm
+    folded, first conv fp32, channels_last, compiled, per the config) that has no parameter
+    gradients. The engine puts ``model`` in eval mode and turns its parameter gradients off.
+    """
+
+    model: nn.Module
+    config: AttackConfig = field(default_factory=AttackConfig)
+    _fast: nn.Module | None = field(default=None, init=False, repr=False)
+    _update: Callable[..., Tensor] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def prepare(self, example: Tensor) -> nn.Module:
+        """The loop's copy of the model, built on first use from a (B, C, H, W) example batch."""
+        if self._fast is not None:
+            return self._fast
+        cfg = self.config
+        fast = (
+            fold_batchnorm(self.model, example) if cfg.fold_batchnorm else copy.deepcopy(self.model)
+        )
+        fast = keep_first_conv_fp32(fast.eval())
+        for p in fast.parameters():
+            p.requires_grad_(False)
+        if cfg.channels_last:
+            fast = fast.to(memory_format=torch.channels_last)
+        update: Callable[..., Tensor] = _pgd_update
+        if cfg.compile:
+            fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
+            update = torch.compile(_pgd_update, dynamic=False)
+        self._fast, self._update = fast, update
+        return fast
+
+    def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
+        if self._fast is None:
+            raise RuntimeError("prepare() first")
+        dtype = self.config.autocast_dtype
+        z = z.detach().requires_grad_(True)
+        ctx = (
+            torch.autocast(z.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out = self._fast(z)
+        sel = out.float().gather(1, site.unsqueeze(1)).squeeze(1)
+        (grad,) = torch.autograd.grad((sign * sel).sum(), z)
+        return grad, sel.detach()
+
+    def predict(self, images: Tensor, site_index: Tensor | None = None) -> Tensor:
+        """Exact-fp32 predictions of the generating model, in batches.
+
+        images: (B, C, H, W) in [0, 1]; site_index: (B,) -> (B,) responses of each row's site, or
+        None -> (B, N) all sites.
+        """
+        if images.shape[0] == 0:
+            raise ValueError("predict() needs at least one image")
+        outs = []
+        bs = self.config.batch_size
+        with torch.no_grad(), exact_fp32():
+            for start in range(0, images.shape[0], bs):
+                out = self.model(images[start : start + bs].float()).float()
+                if site_index is not None:
+                    idx = site_index[start : start + bs].to(out.device)
+                    out = out.gather(1, idx.unsqueeze(1)).squeeze(1)
+                outs.append(out)
+        return torch.cat(outs)
+
+    def run(self, images: Tensor, rows: AttackRows, *, generator: torch.Generator) -> AttackResult:
+        """Attack every row; under torch.distributed each rank takes a contiguous shard.
+
+        images: (M, C, H, W) float clean images in [0, 1] (quantised to 8 bits first: the clean
+        stimulus is the 8-bit image); rows index into them. generator: seeds the job (one draw), so
+        a run is reproducible and independent of batching and sharding. Returns all rows (rank 0) or
+        this rank's shard (other ranks), each row with its ``row_index``.
+        """
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be float (M, C, H, W), got {tuple(images.shape)}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        if len(rows) and int(rows.image_index.max()) >= images.shape[0]:
+            raise ValueError(
+                f"image_index {int(rows.image_index.max())} is out of range for "
+                f"{images.shape[0]} images"
+            )
+        base_seed = int(
+            torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
+        )
+        rank, size = world()
+        start, stop = shard_bounds(len(rows), rank, size)
+        local = torch.arange(start, stop, dtype=torch.int64)
+        clean_levels = to_levels(images)
+        parts = []
+        bs = self.config.batch_size
+        for b in range(0, local.numel(), bs):
+            parts.append(self._run_batch(clean_levels, rows, local[b : b + bs], base_seed))
+        mine = AttackResult.concat(parts) if parts else self._empty(images)
+        gathered = gather_to_first(mine)
+        return mine if gathered is None else AttackResult.concat(gathered)
+
+    def _empty(self, images: Tensor) -> AttackResult:
+        z = torch.zeros(0)
+        return AttackResult(
+            row_index=torch.zeros(0, dtype=torch.int64),
+            image_index=torch.zeros(0, dtype=torch.int64),
+            site_index=torch.zeros(0, dtype=torch.int64),
+            sign=torch.zeros(0, dtype=torch.int8),
+            eps_l2=z.double(),
+            realised_eps_l2=z.double(),
+            delta_levels=torch.zeros((0, *images.shape[1:]), dtype=torch.int16),
+            f_clean=z,
+            f_adv=z,
+            f_adv_unquantised=z,
+        )
+
+    def _run_batch(
+        self, clean_levels: Tensor, rows: AttackRows, index: Tensor, base_seed: int
+    ) -> AttackResult:
+        cfg = self.config
+        device = clean_levels.device
+        n = index.numel()
+        pad = torch.cat([index, index[-1:].expand(cfg.batch_size - n)]) if cfg.compile else index
+        r = rows.take(pad)
+        img = r.image_index.to(device)
+        site = r.site_index.to(device)
+        sign = r.sign.to(device=device, dtype=torch.float32)
+        eps = r.eps_l2.to(device=device, dtype=torch.float32)
+        lv = clean_levels[img]
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        x = from_levels(lv).contiguous(memory_format=fmt)
+        self.prepare(x)
+        delta, pred = self.pgd(x, site, sign, eps, pad.tolist(), base_seed)
+        delta, pred = delta[:n], pred[:n]
+        x, lv, site, sign, eps = x[:n], lv[:n], site[:n], sign[:n], eps[:n]
+        self._check_budget(x, delta, r.eps_l2[:n])
+        grad = None
+        if cfg.quantisation_aware:
+            k0 = torch.round(delta * LEVELS)
+            z0 = (x + k0 / LEVELS).clamp(0.0, 1.0)
+            grad = self._grad_padded(z0, site, sign)
+        k = quantise_perturbation(lv, delta, grad, r.eps_l2[:n].to(device))
+        x_adv = from_levels((lv.to(torch.int16) + k).to(torch.uint8))
+        uniq, inverse = torch.unique(img[:n], return_inverse=True)
+        f_clean = self.predict(from_levels(clean_levels[uniq]))[inverse, site]
+        f_adv = self.predict(x_adv, site)
+        return AttackResult(
+            row_index=index.clone(),
+            image_index=r.image_index[:n].clone(),
+            site_index=r.site_index[:n].clone(),
+            sign=r.sign[:n].clone(),
+            eps_l2=r.eps_l2[:n].double().clone(),
+            realised_eps_l2=realised_eps_l2(k).cpu(),
+            delta_levels=k.cpu(),
+            f_clean=f_clean.float().cpu(),
+            f_adv=f_adv.float().cpu(),
+            f_adv_unquantised=pred.float().cpu(),
+        )
+
+    def _grad_padded(self, z: Tensor, site: Tensor, sign: Tensor) -> Tensor:
+        """Gradient at (n, C, H, W) points, padded to the compiled batch size if needed."""
+        n = z.shape[0]
+        if not self.config.compile or n == self.config.batch_size:
+            return self._grad(z, site, sign)[0]
+        extra = self.config.batch_size - n
+        zp = torch.cat([z, z[-1:].expand(extra, *z.shape[1:])])
+        sp = torch.cat([site, site[-1:].expand(extra)])
+        gp = torch.cat([sign, sign[-1:].expand(extra)])
+        return self._grad(zp.contiguous(memory_format=torch.channels_last), sp, gp)[0][:n]
+
+    def pgd(
+        self,
+        x: Tensor,
+        site: Tensor,
+        sign: Tensor,
+        eps: Tensor,
+        row_ids: Sequence[int],
+        base_seed: int,
+        *,
+        steps: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """PGD for one batch of rows, after :meth:`prepare`.
+
+        x: (B, C, H, W) fp32 images on the 8-bit grid; site: (B,) int64; sign: (B,) ±1.0; eps: (B,)
+        fp32; row_ids: the rows' ids, which seed their random starts; steps: None = the config's.
+        Returns ((B, C, H, W) best δ, (B,) its predicted f). δ stays inside ball ∩ box after every
+        step; the best iterate is chosen by ``sign · f``.
+        """
+        if self._update is None:
+            raise RuntimeError("prepare() first")
+        cfg = self.config
+        n_steps = cfg.steps if steps is None else steps
+        noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device)
+        d = x[0].numel()
+        radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)
+        start = noise * (radius / noise.square().sum(_DIMS).sqrt().clamp_min(1e-30)).view(
+            -1, 1, 1, 1
+        )
+        iters = cfg.projection_iterations
+        delta = self._update(x, start, torch.zeros_like(x), eps, torch.zeros_like(eps), iters)
+        alpha = eps * cfg.step_ratio
+        best_obj = torch.full_like(eps, -torch.inf)
+        best_delta = delta
+        best_val = torch.zeros_like(eps)
+        for step in range(n_steps + 1):
+            grad, val = self._grad(x + delta, site, sign)
+            obj = sign * val
+            if cfg.keep_best or step == n_steps:
+                better = obj > best_obj
+                best_obj = torch.where(better, obj, best_obj)
+                best_val = torch.where(better, val, best_val)
+                best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
+            if step < n_steps:
+                delta = self._update(x, delta, grad, eps, alpha, iters)
+        return best_delta, best_val
+
+    @staticmethod
+    def _check_budget(x: Tensor, delta: Tensor, eps64: Tensor) -> None:
+        """Raise AttackError naming the worst row when δ leaves its ball or x + δ leaves [0, 1]."""
+        norms = delta.double().square().sum(_DIMS).sqrt().cpu()
+        ratio = norms / eps64.double().clamp_min(1e-30)
+        ratio = torch.where(eps64 > 0, ratio, norms * torch.inf)
+        worst = int(torch.argmax(torch.nan_to_num(ratio, nan=0.0)))
+        if bool((norms > eps64 * (1 + _NORM_RTOL) + 1e-12).any()):
+            raise AttackError(
+                f"perturbation L2 {float(norms[worst]):.6g} exceeds budget "
+                f"{float(eps64[worst]):.6g} (row {worst} of the batch)"
+            )
+        z = x + delta
+        lo, hi = float(z.min()), float(z.max())
+        if lo < -_BOX_TOL or hi > 1 + _BOX_TOL:
+            raise AttackError(f"perturbed image leaves [0, 1]: range [{lo:.6g}, {hi:.6g}]")
+
+
+def _pgd_update(
+    x: Tensor, delta: Tensor, grad: Tensor, eps: Tensor, alpha: Tensor, iterations: int
+) -> Tensor:
+    """One projected L2 step, δ + α·g/‖g‖ onto ball(ε) ∩ box; (B, C, H, W), (B,) ε and α."""
+    g_norm = grad.square().sum(_DIMS, keepdim=True).sqrt().clamp_min(1e-30)
+    v = delta + alpha.view(-1, 1, 1, 1) * grad / g_norm
+    return project_l2_box_rows(x, v, eps, iterations=iterations)

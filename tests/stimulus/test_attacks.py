@@ -1,0 +1,261 @@
+"""The per-site PGD engine: known optima, both signs, seeds, fp32 first layer, loud budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from itloop.stimulus import (
+    AttackConfig,
+    AttackEngine,
+    AttackError,
+    AttackResult,
+    AttackRows,
+    Fp32Input,
+    fold_batchnorm,
+    from_levels,
+    select_largest_change,
+    to_levels,
+)
+from itloop.stimulus import attacks as attacks_module
+
+from .toys import LinearSites, ReluSites, TinyConvNet, on_grid
+
+SHAPE = (3, 8, 8)
+FP32 = AttackConfig(steps=60, batch_size=16, autocast_dtype=None, fold_batchnorm=False)
+
+
+def _pgd(engine: AttackEngine, x: Tensor, site: Tensor, sign: Tensor, eps: Tensor) -> Tensor:
+    engine.prepare(x)
+    delta, _ = engine.pgd(x, site, sign, eps.float(), list(range(x.shape[0])), 11)
+    return delta
+
+
+def test_pgd_reaches_the_known_optimum_of_a_linear_site() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, *SHAPE, generator=g)
+    engine = AttackEngine(LinearSites(w), FP32)
+    x = torch.full((4, *SHAPE), 0.5)  # far from the box: the optimum is x + sign·ε·w/‖w‖
+    site = torch.tensor([0, 0, 1, 1])
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    eps = torch.full((4,), 0.5)
+    delta = _pgd(engine, x, site, sign, eps)
+    w_rows = w[site]
+    optimum = (
+        sign.view(-1, 1, 1, 1)
+        * eps.view(-1, 1, 1, 1)
+        * w_rows
+        / w_rows.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    )
+    assert float((delta - optimum).flatten(1).norm(dim=1).max()) < 1e-3 * 0.5
+    change = (delta * w_rows).flatten(1).sum(dim=1) * sign
+    assert torch.allclose(change, 0.5 * w_rows.flatten(1).norm(dim=1), rtol=1e-5)
+
+
+def _box_optimum(x: np.ndarray, w: np.ndarray, eps: float) -> float:
+    """max w·δ over ‖δ‖ ≤ ε, −x ≤ δ ≤ 1 − x by bisection on the KKT multiplier (float64)."""
+    lo_b, hi_b = -x, 1.0 - x
+
+    def point(mu: float) -> np.ndarray:
+        return np.clip(w / mu, lo_b, hi_b)
+
+    lo, hi = 1e-12, 1e12
+    for _ in range(400):
+        mid = np.sqrt(lo * hi)
+        if np.linalg.norm(point(mid)) > eps:
+            lo = mid
+        else:
+            hi = mid
+    return float(w.ravel() @ point(hi).ravel())
+
+
+def test_pgd_reaches_the_box_constrained_optimum_of_a_linear_site() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, *SHAPE, generator=g)
+    x = on_grid(torch.rand(3, *SHAPE, generator=g))
+    x[0, :, :4] = 1.0  # saturated halves: the box binds
+    x[1, :, 4:] = 0.0
+    eps = torch.tensor([0.5, 1.0, 3.0])
+    engine = AttackEngine(LinearSites(w), AttackConfig(**{**FP32.__dict__, "steps": 100}))
+    delta = _pgd(engine, x, torch.zeros(3, dtype=torch.int64), torch.ones(3), eps)
+    got = (delta * w).flatten(1).sum(dim=1).double()
+    for i in range(3):
+        best = _box_optimum(x[i].double().numpy(), w[0].double().numpy(), float(eps[i]))
+        assert best * (1 - 2e-3) <= float(got[i]) <= best * (1 + 1e-5)
+
+
+def test_both_signs_run_and_the_larger_change_is_kept() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(*SHAPE, generator=g)
+    x = on_grid(torch.full((1, *SHAPE), 0.5))
+    bias = 0.5 - float((w * x[0]).sum())  # relu(w·x + b) = 0.5 at the clean image
+    model = ReluSites(w, bias)
+    eps = 0.2  # ε‖w‖ ≈ 2.8: rising is easy, falling stops at the relu floor
+    rows = AttackRows.grid([0, 0], [0, 1], [eps])
+    result = AttackEngine(model, FP32).run(x, rows, generator=torch.Generator().manual_seed(0))
+    assert result.sign.tolist() == [1, -1, 1, -1]
+    change = result.predicted_change
+    reach = eps * float(w.norm())
+    assert float(change[0]) > 0.95 * reach
+    assert -0.5001 <= float(change[1]) < 0
+    assert 0 < float(change[2]) <= 0.5001
+    assert float(change[3]) < -0.95 * reach
+    kept = select_largest_change(result)
+    assert kept.site_index.tolist() == [0, 1]
+    assert kept.sign.tolist() == [1, -1]
+
+
+def test_selection_picks_max_abs_change_per_image_site_eps() -> None:
+    n = 6
+    result = AttackResult(
+        row_index=torch.arange(n),
+        image_index=torch.tensor([0, 0, 0, 0, 1, 1]),
+        site_index=torch.tensor([3, 3, 3, 3, 3, 3]),
+        sign=torch.tensor([1, -1, 1, -1, 1, -1], dtype=torch.int8),
+        eps_l2=torch.tensor([1.0, 1.0, 2.0, 2.0, 1.0, 1.0], dtype=torch.float64),
+        realised_eps_l2=torch.zeros(n, dtype=torch.float64),
+        delta_levels=torch.zeros((n, 1, 1, 1), dtype=torch.int16),
+        f_clean=torch.zeros(n),
+        f_adv=torch.tensor([0.5, -0.7, 0.9, -0.1, 0.2, -0.2]),
+        f_adv_unquantised=torch.zeros(n),
+    )
+    assert select_largest_change(result).row_index.tolist() == [1, 2, 4]
+
+
+def test_outputs_respect_eps_after_quantisation_and_record_the_generating_model() -> None:
+    model = TinyConvNet(n_sites=3)
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(3, *SHAPE, generator=g)
+    images[0] = 1.0
+    rows = AttackRows.grid([0, 1, 2, 2], [0, 1, 2, 0], [0.1, 0.5, 2.0], restarts=2)
+    cfg = AttackConfig(steps=10, batch_size=7)
+    result = AttackEngine(model, cfg).run(images, rows, generator=torch.Generator().manual_seed(1))
+    assert len(result) == len(rows) == 48
+    assert torch.equal(result.row_index, torch.arange(48))
+    assert bool((result.realised_eps_l2 <= result.eps_l2).all())
+    s = result.delta_levels.to(torch.int64).square().flatten(1).sum(dim=1)
+    assert bool((s.double().sqrt() / 255 <= result.eps_l2).all())
+    clean = to_levels(images)
+    adv = result.adversarial_levels(clean)
+    with torch.no_grad():
+        f_adv = model(from_levels(adv)).gather(1, result.site_index.unsqueeze(1)).squeeze(1)
+        f_clean = model(from_levels(clean))[result.image_index, result.site_index]
+    assert torch.allclose(result.f_adv, f_adv, atol=1e-5)
+    assert torch.allclose(result.f_clean, f_clean, atol=1e-5)
+    assert float((result.sign.float() * result.predicted_change).min()) > 0
+
+
+def test_runs_are_reproducible_and_independent_of_batching() -> None:
+    model = TinyConvNet(n_sites=2, seed=3)
+    images = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    rows = AttackRows.grid([0, 1], [0, 1], [0.5, 1.0])
+    cfg = AttackConfig(steps=5, batch_size=8, autocast_dtype=None)
+
+    def run(seed: int, batch: int) -> AttackResult:
+        engine = AttackEngine(model, AttackConfig(**{**cfg.__dict__, "batch_size": batch}))
+        return engine.run(images, rows, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0, 8), run(0, 8), run(1, 8)
+    assert torch.equal(a.delta_levels, b.delta_levels)
+    assert torch.equal(a.f_adv, b.f_adv)
+    assert not torch.equal(a.delta_levels, c.delta_levels)
+    d = run(0, 3)
+    assert torch.allclose(a.f_adv, d.f_adv, atol=1e-4)
+    assert float((a.delta_levels != d.delta_levels).float().mean()) < 0.01
+
+
+def test_first_layer_input_stays_fp32_under_bf16_autocast() -> None:
+    model = TinyConvNet(n_sites=2)
+    engine = AttackEngine(model, AttackConfig(steps=2, batch_size=4))
+    x = on_grid(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(6)))
+    fast = engine.prepare(x)
+    wrapped = [m for m in fast.modules() if isinstance(m, Fp32Input)]
+    assert len(wrapped) == 1
+    seen: dict[str, Tensor] = {}
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    h0 = convs[0].register_forward_pre_hook(lambda _m, a: seen.__setitem__("first", a[0]))
+    h1 = convs[1].register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) * 1e-3
+    site = torch.zeros(4, dtype=torch.int64)
+    engine.pgd(x, site, torch.ones(4), torch.full((4,), 0.2), [0, 1, 2, 3], 0, steps=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x + delta)
+    h0.remove()
+    h1.remove()
+    assert seen["first"].dtype == torch.float32
+    assert torch.equal(seen["first"], x + delta)
+    assert seen["second"].dtype == torch.bfloat16  # the rest of the network does run in bf16
+
+
+def test_bf16_input_would_distort_a_small_perturbation() -> None:
+    """Why the first layer stays fp32: at ε = 1 on 3×224×224, bf16 rounding of x + δ is large."""
+    g = torch.Generator().manual_seed(0)
+    x = on_grid(torch.rand(1, 3, 224, 224, generator=g))
+    d = torch.randn(1, 3, 224, 224, generator=g)
+    d = d / d.norm()
+    kept_bf16 = (x + d).bfloat16().float() - x
+    kept_fp32 = (x + d) - x
+    assert float((kept_bf16 - d).norm()) > 0.2
+    assert float((kept_fp32 - d).norm()) < 1e-5
+
+
+def test_budget_violations_raise_naming_the_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = attacks_module.project_l2_box_rows
+
+    def leaky(x: Tensor, v: Tensor, eps: Tensor, **kw: object) -> Tensor:
+        return real(x, v, eps * 1.5, iterations=4)
+
+    monkeypatch.setattr(attacks_module, "project_l2_box_rows", leaky)
+    w = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(8))
+    engine = AttackEngine(LinearSites(w), FP32)
+    rows = AttackRows.grid([0], [0], [0.5])
+    with pytest.raises(AttackError, match=r"perturbation L2 0\.7\d* exceeds budget 0\.5"):
+        engine.run(torch.full((1, *SHAPE), 0.5), rows, generator=torch.Generator().manual_seed(0))
+
+
+def test_quantisation_aware_rounding_keeps_the_predicted_change() -> None:
+    w = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(9))
+    images = on_grid(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(10)))
+    rows = AttackRows.grid([0, 1, 2, 3], [0, 0, 0, 0], [0.05], signs=(1,))
+    # two steps from a random start: δ is not yet along ∇f, so the gradient is what guides rounding
+    cfg = AttackConfig(**{**FP32.__dict__, "steps": 2})
+    aware = AttackEngine(LinearSites(w), cfg).run(
+        images, rows, generator=torch.Generator().manual_seed(0)
+    )
+    plain_cfg = AttackConfig(**{**cfg.__dict__, "quantisation_aware": False})
+    plain = AttackEngine(LinearSites(w), plain_cfg).run(
+        images, rows, generator=torch.Generator().manual_seed(0)
+    )
+    assert bool((aware.predicted_change >= plain.predicted_change - 1e-6).all())
+    assert float(aware.predicted_change.sum()) > float(plain.predicted_change.sum())
+    assert bool((aware.realised_eps_l2 <= 0.05).all())
+
+
+def test_fold_batchnorm_computes_the_same_function_without_batchnorm() -> None:
+    model = TinyConvNet(n_sites=3)
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(11))
+    folded = fold_batchnorm(model, x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(model.train(), x)
+
+
+def test_rows_are_validated_with_the_offending_value() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 2\]|2"):
+        AttackRows(
+            torch.zeros(2, dtype=torch.int64),
+            torch.zeros(2, dtype=torch.int64),
+            torch.ones(2, dtype=torch.float64),
+            torch.tensor([1, 2], dtype=torch.int8),
+        )
+    rows = AttackRows.grid([0, 1], [5, 6], [0.5, 1.0], signs=(1, -1), restarts=3)
+    assert len(rows) == 2 * 2 * 3 * 2
+    assert rows.sign[:2].tolist() == [1, -1]
+    engine = AttackEngine(TinyConvNet(), FP32)
+    with pytest.raises(ValueError, match="image_index 1 is out of range for 1 images"):
+        engine.run(torch.rand(1, *SHAPE), rows, generator=torch.Generator().manual_seed(0))

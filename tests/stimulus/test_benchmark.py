@@ -1,0 +1,45 @@
+"""`itloop bench attack --quick` runs on a CPU and prints JSON with ours and torchattacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from itloop.stimulus import benchmark
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_valid_json_with_both_attacks(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_file = tmp_path / "bench.json"
+    assert benchmark.main(["--quick", "--output", str(out_file)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out_file.read_text())
+    assert printed["batch"] == 8
+    assert printed["steps"] == 3
+    for who in ("ours", "torchattacks"):
+        assert printed[who]["image_steps_per_s"] > 0
+        assert printed[who]["tflops"] > 0
+    assert printed["speedup_vs_torchattacks"] > 0
+    q = printed["quality"]
+    assert q["ours_continuous"] > 0
+    assert q["torchattacks_continuous"] > 0
+    assert q["ours_quantised_realised_eps_over_requested_max"] <= 1.0
+    assert printed["lab_day"]["rows"] == 200 * 42 * 6 * 2
+    assert printed["lab_day"]["estimate_s"] > 0
+    assert printed["flop_per_image_step"]["counted"] > 0
+
+
+def test_peak_table_matches_device_names() -> None:
+    assert benchmark.peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert benchmark.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert benchmark.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert benchmark.peak_bf16_tflops("cpu (2 cores)") is None
+
+
+def test_bad_batch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert benchmark.main(["--quick", "--batch", "7"]) == 2
+    assert "--batch" in capsys.readouterr().out

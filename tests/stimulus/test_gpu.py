@@ -1,0 +1,73 @@
+"""The engine on a CUDA device: bf16 + compile + channels_last, budgets and the fp32 first layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from itloop.stimulus import (
+    AttackConfig,
+    AttackEngine,
+    AttackRows,
+    Fp32Input,
+    from_levels,
+    gaussian_noise_control,
+    project_l2_box,
+    to_levels,
+)
+
+from .toys import TinyConvNet, on_grid
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_attack_respects_eps_and_matches_cpu_quality(compiled: bool) -> None:
+    model = TinyConvNet(n_sites=4).cuda()
+    g = torch.Generator().manual_seed(0)
+    images = on_grid(torch.rand(6, 3, 16, 16, generator=g)).cuda()
+    rows = AttackRows.grid([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0.25, 1.0])
+    cfg = AttackConfig(steps=20, batch_size=8, compile=compiled)
+    result = AttackEngine(model, cfg).run(images, rows, generator=torch.Generator().manual_seed(1))
+    assert bool((result.realised_eps_l2 <= result.eps_l2).all())
+    assert float((result.sign.float() * result.predicted_change).min()) > 0
+    cpu_model = TinyConvNet(n_sites=4)
+    cpu_cfg = AttackConfig(steps=20, batch_size=8, autocast_dtype=None)
+    cpu = AttackEngine(cpu_model, cpu_cfg).run(
+        images.cpu(), rows, generator=torch.Generator().manual_seed(1)
+    )
+    gpu_gain = float((result.sign.float() * result.predicted_change).mean())
+    cpu_gain = float((cpu.sign.float() * cpu.predicted_change).mean())
+    assert gpu_gain > 0.95 * cpu_gain
+
+
+def test_cuda_first_layer_input_is_fp32_under_autocast() -> None:
+    model = TinyConvNet(n_sites=2).cuda()
+    x = on_grid(torch.rand(4, 3, 16, 16, device="cuda"))
+    fast = AttackEngine(model, AttackConfig(batch_size=4)).prepare(x)
+    seen: list[torch.dtype] = []
+    first = next(m for m in fast.modules() if isinstance(m, Fp32Input))
+    first.layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fast(x)
+    assert seen == [torch.float32]
+    assert out.dtype in (torch.bfloat16, torch.float32)
+
+
+def test_cuda_projection_and_controls_match_cpu() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = on_grid(torch.rand(8, 3, 32, 32, generator=g))
+    x[:4] = 1.0
+    v = torch.randn(8, 3, 32, 32, generator=g)
+    eps = torch.linspace(0.1, 3.0, 8)
+    cpu = project_l2_box(x, v, eps)
+    gpu = project_l2_box(x.cuda(), v.cuda(), eps.cuda()).cpu()
+    assert float((cpu - gpu).abs().max()) < 1e-5
+    lv = to_levels(x).cuda()
+    out = gaussian_noise_control(lv, 1.0, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert bool((out.realised_eps_l2 <= 1.0).all())
+    assert float(out.realised_eps_l2.min()) > 0.99
+    assert from_levels(out.stimulus_levels(lv.cpu())).shape == x.shape

@@ -1,0 +1,58 @@
+"""Rows sharded over two gloo processes under torchrun give exactly the single-process result."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itloop.stimulus import AttackEngine, AttackResult
+from itloop.stimulus.sharding import shard_bounds
+
+from .toys import sharding_job
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_shard_bounds_cover_rows_contiguously() -> None:
+    for n in (0, 1, 7, 16):
+        for size in (1, 2, 3, 5):
+            bounds = [shard_bounds(n, r, size) for r in range(size)]
+            assert bounds[0][0] == 0
+            assert bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    with pytest.raises(ValueError, match="rank 2"):
+        shard_bounds(4, 2, 2)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_reproduce_the_single_process_result(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(HERE / "sharded_worker.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, images, rows, config = sharding_job()
+    single = AttackEngine(model, config).run(  # type: ignore[arg-type]
+        images,
+        rows,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(3),
+    )
+    gathered = AttackResult(**torch.load(tmp_path / "0.pt"))
+    assert len(gathered) == len(single) == 16
+    for name in single.__dataclass_fields__:
+        assert torch.equal(getattr(gathered, name), getattr(single, name)), name
+    shard = AttackResult(**torch.load(tmp_path / "1.pt"))
+    assert shard.row_index.tolist() == list(range(8, 16))

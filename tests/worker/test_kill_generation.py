@@ -1,0 +1,179 @@
+"""SIGKILL the worker halfway through a generation: the restarted worker publishes it once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from itloop.protocol.batches import BatchManifest
+from itloop.protocol.jobs import JobKind
+from itloop.server import migrate
+from itloop.server.artifacts import ContentStore
+from itloop.server.batches import build_manifest
+from itloop.server.db import make_engine, make_sessionmaker
+from itloop.server.db.tables import (
+    Batch,
+    ElectrodeArray,
+    Job,
+    JobState,
+    Presentation,
+    Protocol,
+    RecordingSession,
+    RecordingSite,
+    Rig,
+    Role,
+    SessionState,
+    Stimulus,
+    Subject,
+    TokenKind,
+)
+from itloop.server.jobs import JobService
+from itloop.server.sessions import schedule
+from itloop.server.settings import Settings
+
+from .test_loop_e2e import PX, image_folder
+
+pytestmark = [pytest.mark.db, pytest.mark.slow]
+
+N_SITES = 16  # two chunks of sites: the kill lands between them
+
+
+def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "itloop", "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Path) -> None:
+    from itloop.server.auth import Principal
+
+    migrate.upgrade(db_url)
+    data_dir = tmp_path / "data"
+    settings = Settings(environment="test", data_dir=data_dir, database_url=db_url)
+    settings.prepare_data_dir()
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    images = image_folder(tmp_path / "images", classes=8, per_class=6)
+    with sessions() as db:
+        subject, rig = Subject(name="M1"), Rig(name="rig")
+        protocol = Protocol(
+            name="kill",
+            eps_l2=[1.0],
+            images_per_site=2,
+            attack_steps=40,
+            controls=["noise"],
+            image_source=str(images),
+        )
+        db.add_all([subject, rig, protocol])
+        db.flush()
+        array = ElectrodeArray(subject_id=subject.id, name="aIT")
+        db.add(array)
+        db.flush()
+        db.add_all(
+            RecordingSite(array_id=array.id, electrode=i, acq_channel=i) for i in range(N_SITES)
+        )
+        db.flush()
+        session = schedule(
+            db,
+            subject_id=subject.id,
+            rig_id=rig.id,
+            protocol_id=protocol.id,
+            scheduled_for=dt.datetime(2026, 12, 3, tzinfo=dt.UTC),
+            site_ids=None,
+            notes="",
+            actor=Principal(kind=TokenKind.user, user_id=None, role=Role.staff),
+        )
+        db.commit()
+        session_id = session.id
+    jobs = JobService(settings, sessions)
+    job = jobs.enqueue(JobKind.generate, {"session_id": session_id}, key=f"session-{session_id}")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ITLOOP_", "DBOS_"))}
+    env.update(
+        ITLOOP_ENVIRONMENT="test",
+        ITLOOP_DATA_DIR=str(data_dir),
+        ITLOOP_DATABASE_URL=db_url,
+        ITLOOP_WORKER_ID="kill-worker",
+        ITLOOP_MODEL_BACKBONE="tiny",
+        ITLOOP_MODEL_INPUT_PX=str(PX),
+        ITLOOP_DEVICE="cpu",
+    )
+    log = tmp_path / "worker.log"
+    first = _worker(env, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with sessions() as db:
+                row = db.get(Job, job.id)
+                assert row is not None
+                progress = row.progress
+            if progress > 0:  # the first chunk of sites is done, the second is running
+                break
+            assert first.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        with sessions() as db:
+            assert db.scalar(select(func.count()).select_from(Batch)) == 0
+            assert db.get(RecordingSession, session_id).state is SessionState.generating  # type: ignore[union-attr]
+
+        second = _worker(env, log)
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                with sessions() as db:
+                    row = db.get(Job, job.id)
+                    assert row is not None
+                    if row.state is JobState.succeeded:
+                        attempts = row.attempts
+                        break
+                    assert row.state is not JobState.failed, row.error
+                assert second.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        jobs.close()
+
+    with sessions() as db:
+        assert attempts == 2
+        assert db.scalar(select(func.count()).select_from(Batch)) == 1
+        session = db.get(RecordingSession, session_id)
+        assert session is not None
+        assert session.state is SessionState.ready
+        n_stimuli = db.scalar(select(func.count()).select_from(Stimulus))
+        # per site: 2 clean images, each with one attack and one noise control at one ε
+        assert n_stimuli == N_SITES * 2 * 3
+        assert db.scalar(select(func.count()).select_from(Presentation)) == 2 * n_stimuli
+        targeted = set(db.scalars(select(Stimulus.site_id).where(Stimulus.kind != "clean")))
+        assert len(targeted) == N_SITES
+        batch = db.scalar(select(Batch))
+        assert batch is not None
+        manifest = build_manifest(db, session, batch, ContentStore(settings.artifact_dir))
+        assert (
+            BatchManifest.model_validate(manifest.model_dump()).content_sha256()
+            == batch.manifest_sha256
+        )
+    output = log.read_text()
+    assert output.count("launched") >= 2
+    # the chunk finished before the kill is not made again; the interrupted one is
+    assert output.count(f"session {session_id}: stimuli of site chunk 1/2 made") == 1
+    assert output.count(f"session {session_id}: stimuli of site chunk 2/2 made") == 1
+    engine.dispose()
