@@ -113,7 +113,7 @@ def make_lab(server: Server, *, n_sites: int = 3, n_images: int = 2, publish: bo
             )
         keys = [s.key for s in stimuli] * 2
         plan = [NewPresentation(seq, key, 100 + seq, seq // 4) for seq, key in enumerate(keys)]
-        spare = [900 + i for i in range(8)]
+        spare = [100 + len(plan) + i for i in range(8)]
         publish_batch(
             db,
             session,
