@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,9 +77,11 @@ def load_settings(**overrides: Any) -> Settings:
 
 def _migrate(url: str) -> str | None:
     from itloop.server import migrate
+    from itloop.server.jobs import migrate_job_store
 
     with console.status("applying database migrations"):
         migrate.upgrade(url)
+        migrate_job_store(url)
     return migrate.current_revision(url)
 
 
@@ -129,21 +133,36 @@ def serve(
         f"database at revision {revision}: {_display_url(settings.effective_database_url)}"
     )
     _ensure_first_admin(settings)
-    worker_started = False
-    if settings.runs_worker_in_process:
-        from itloop.worker.main import start_in_process
-
-        start_in_process(settings)
-        worker_started = True
-        console.print("in-process worker started")
+    worker = _start_worker_process(settings) if settings.runs_worker_in_process else None
     console.print(f"serving on http://{settings.host}:{settings.port}  (API docs: /api/v1/docs)")
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:
-        if worker_started:
-            from itloop.worker.main import stop_in_process
+        if worker is not None:
+            _stop_worker_process(worker)
 
-            stop_in_process()
+
+def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
+    """The embedded default's worker: a child process, so the server itself never loads torch."""
+    env = dict(os.environ)
+    env.update(
+        ITLOOP_DATA_DIR=str(settings.data_dir.resolve()),
+        ITLOOP_DATABASE_URL=settings.effective_database_url,
+        ITLOOP_ENVIRONMENT=settings.environment,
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "itloop", "worker"], env=env)
+    console.print(f"worker started (process {proc.pid})")
+    return proc
+
+
+def _stop_worker_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @app.command()
@@ -180,10 +199,12 @@ def _display_url(url: str) -> str:
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
     from itloop.server import migrate
+    from itloop.server.jobs import migrate_job_store
 
     settings = load_settings()
     settings.prepare_data_dir()
     migrate.upgrade(settings.effective_database_url, revision)
+    migrate_job_store(settings.effective_database_url)
     console.print(f"at revision {migrate.current_revision(settings.effective_database_url)}")
 
 

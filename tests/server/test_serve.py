@@ -71,6 +71,22 @@ def test_serve_on_a_fresh_directory(tmp_path: Path) -> None:
             data={"email": "admin@localhost", "password": password},
         )
         assert login.status_code == 200
+        # the worker started with the server takes jobs: a probe runs end to end
+        csrf = {"X-CSRF-Token": login.json()["csrf_token"]}
+        cookies = login.cookies
+        probe = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/jobs/probe",
+            json={"duration_s": 0.2},
+            headers=csrf,
+            cookies=cookies,
+        )
+        assert probe.status_code == 202, probe.text
+        job_url = f"http://127.0.0.1:{port}/api/v1/jobs/{probe.json()['id']}"
+        deadline = time.monotonic() + 60
+        while (state := httpx.get(job_url, cookies=cookies).json()["state"]) != "succeeded":
+            assert state in ("queued", "running"), state
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
         assert (data_dir / "itloop.sqlite3").exists()
         assert data_dir.stat().st_mode & 0o077 == 0
     finally:
