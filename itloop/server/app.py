@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from itloop import __version__
@@ -23,6 +23,7 @@ from itloop.protocol.jobs import JobKind
 from itloop.server.api import router as api_router
 from itloop.server.artifacts import ContentStore
 from itloop.server.db.engine import make_engine, make_sessionmaker
+from itloop.server.db.tables import Job, JobState
 from itloop.server.errors import CredentialsInUrl, ItloopError
 from itloop.server.jobs import JobService
 from itloop.server.security import TokenRedactingFilter, parse_token
@@ -144,10 +145,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.jobs = jobs
 
     def enqueue_generation(session_id: int) -> None:
+        """Enqueue the session's generation unless one is queued or running already."""
+        with app.state.sessionmaker() as db:
+            previous = list(
+                db.scalars(
+                    select(Job.state).where(
+                        Job.session_id == session_id, Job.kind == JobKind.generate.value
+                    )
+                )
+            )
+        if any(state in (JobState.queued, JobState.running) for state in previous):
+            return
         jobs.enqueue(
             JobKind.generate,
             {"session_id": session_id},
-            key=f"session-{session_id}",
+            key=f"session-{session_id}-{len(previous) + 1}",
             session_id=session_id,
         )
 

@@ -45,8 +45,8 @@ from itloop.server.errors import InvalidInput, NotFound
 from itloop.server.exports.trials import load_session, stimulus_means
 
 __all__ = [
-    "FIGURES",
     "COLUMNS",
+    "FIGURES",
     "FigureSpec",
     "FigureTable",
     "build_table",
@@ -461,7 +461,7 @@ def _eps_axis(ax: Axes, table: FigureTable) -> None:
 
 
 def _line(ax: Axes, rows: list[Row], **style: Any) -> None:
-    x = [r.eps_l2 for r in rows]
+    x = [r.eps_l2 if r.eps_l2 is not None else math.nan for r in rows]
     y = [r.value for r in rows]
     ax.plot(x, y, **style)
 
@@ -514,11 +514,11 @@ def draw_days(ax: Axes, table: FigureTable) -> None:
     _eps_axis(ax, table)
 
 
-def _blues(n: int) -> list[tuple[float, float, float]]:
+def _blues(n: int) -> list[str]:
+    """``n`` blues from light to dark (hex)."""
     start, end = np.array([0.62, 0.76, 0.89]), np.array([0.03, 0.19, 0.42])
-    if n == 1:
-        return [tuple(end.tolist())]  # type: ignore[list-item]
-    return [tuple((start + (end - start) * k / (n - 1)).tolist()) for k in range(n)]  # type: ignore[misc]
+    steps = [end] if n == 1 else [start + (end - start) * k / (n - 1) for k in range(n)]
+    return ["#" + "".join(f"{round(c * 255):02x}" for c in step) for step in steps]
 
 
 def draw_controls(ax: Axes, table: FigureTable) -> None:

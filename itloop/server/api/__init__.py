@@ -8,6 +8,7 @@ from itloop.protocol.common import ErrorDetail
 from itloop.server.api import (
     auth,
     batches,
+    exports,
     health,
     jobs,
     lab,
@@ -46,6 +47,7 @@ for module in (
     models,
     results,
     jobs,
+    exports,
 ):
     router.include_router(module.router)
 

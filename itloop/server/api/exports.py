@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response
 
 from itloop.protocol.batches import StimulusKind as WireKind
+from itloop.protocol.common import MAX_ID
 from itloop.server.api.params import PathId, QueryId
 from itloop.server.auth import DbSession, Reader
 from itloop.server.db.tables import StimulusKind
+from itloop.server.exports.nwb import nwb_response
 from itloop.server.exports.tables import encode, media_type, responses_table, sensitivity_table
 from itloop.server.sessions import get_session
-from itloop.server.ui.sessions import nwb_download
 
 router = APIRouter(tags=["exports"])
 Fmt = Literal["csv", "parquet"]
-_TABLE_RESPONSES = {
+_TABLE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}},
 }
+
+_NWB_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-nwb": {}}}}
 
 
 def _attachment(body: bytes, fmt: Fmt, filename: str) -> Response:
@@ -34,16 +37,21 @@ def _attachment(body: bytes, fmt: Fmt, filename: str) -> Response:
 @router.get(
     "/sessions/{session_id}/export.nwb",
     response_class=FileResponse,
-    responses={200: {"content": {"application/x-nwb": {}}}},
+    responses=_NWB_RESPONSES,
 )
 def session_nwb(session_id: PathId, db: DbSession, _who: Reader) -> FileResponse:
     """The session as one NWB file (409 until its batch is published)."""
     get_session(db, session_id)
-    return nwb_download(db, session_id)
+    return nwb_response(db, session_id)
 
 
 @router.get("/exports/responses.{fmt}", response_class=Response, responses=_TABLE_RESPONSES)
-def responses_export(fmt: Fmt, session_id: PathId, db: DbSession, _who: Reader) -> Response:
+def responses_export(
+    fmt: Fmt,
+    session_id: Annotated[int, Query(ge=1, le=MAX_ID)],
+    db: DbSession,
+    _who: Reader,
+) -> Response:
     """Spike counts of one session, one row per presentation × site (long format)."""
     get_session(db, session_id)
     return _attachment(

@@ -38,6 +38,8 @@ from pynwb.epoch import TimeIntervals
 from pynwb.file import Subject as NWBSubject
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse
 
 from itloop import __version__
 from itloop.server.db.tables import (
@@ -53,7 +55,13 @@ from itloop.server.errors import Conflict
 from itloop.server.exports.trials import SessionArrays, load_session
 from itloop.server.sessions import get_session
 
-__all__ = ["PRESENTATIONS", "SPIKE_COUNTS", "read_spike_counts", "write_session_nwb"]
+__all__ = [
+    "PRESENTATIONS",
+    "SPIKE_COUNTS",
+    "nwb_response",
+    "read_spike_counts",
+    "write_session_nwb",
+]
 
 PRESENTATIONS = "presentations"
 SPIKE_COUNTS = "spike_counts"
@@ -77,7 +85,9 @@ def write_session_nwb(db: Session, session_id: int, target: Path) -> Path:
     arrays = load_session(db, session_id)
     nwbfile = _build(db, session, batch, arrays)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.partial-", suffix=".nwb")
+    fd, tmp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.stem}.partial-", suffix=".nwb"
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -88,6 +98,28 @@ def write_session_nwb(db: Session, session_id: int, target: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def nwb_response(db: Session, session_id: int) -> FileResponse:
+    """The session's NWB file, written to a private temporary directory that is removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix="itloop-nwb-"))
+    try:
+        path = write_session_nwb(db, session_id, workdir / f"itloop-session-{session_id}.nwb")
+    except BaseException:
+        _remove(workdir)
+        raise
+    return FileResponse(
+        path,
+        media_type="application/x-nwb",
+        filename=path.name,
+        background=BackgroundTask(_remove, workdir),
+    )
+
+
+def _remove(workdir: Path) -> None:
+    for child in workdir.iterdir():
+        child.unlink(missing_ok=True)
+    workdir.rmdir()
 
 
 def read_spike_counts(path: Path) -> tuple[NDArray[np.int64], list[int], NDArray[np.int32]]:
@@ -101,9 +133,7 @@ def read_spike_counts(path: Path) -> tuple[NDArray[np.int64], list[int], NDArray
     return ids, sites, counts
 
 
-def _build(
-    db: Session, session: RecordingSession, batch: Batch, arrays: SessionArrays
-) -> NWBFile:
+def _build(db: Session, session: RecordingSession, batch: Batch, arrays: SessionArrays) -> NWBFile:
     subject = db.get(Subject, session.subject_id)
     protocol = session.protocol
     creator = db.get(User, session.created_by_id) if session.created_by_id else None
@@ -270,7 +300,9 @@ def _presentations(arrays: SessionArrays, on_ms: float) -> TimeIntervals:
             np.array([site_row.get(s.site_id, -1) if s.site_id else -1 for s in stim]),
         ),
         _column("fixation_ok", "the subject kept fixation", arrays.fixation_ok[order]),
-        _column("frame_drops", "display frames dropped during the stimulus", arrays.frame_drops[order]),
+        _column(
+            "frame_drops", "display frames dropped during the stimulus", arrays.frame_drops[order]
+        ),
         _column("valid", "the rig marked the presentation usable", arrays.valid[order]),
         _column("has_response", "spike counts were uploaded", arrays.has_response[order]),
         _column(
@@ -304,7 +336,9 @@ def _stimuli_table(arrays: SessionArrays) -> DynamicTable:
 
     columns = [
         _column("stimulus_id", "itloop stimulus id", np.array([s.id for s in stim])),
-        _column("sha256", "SHA-256 of the 8-bit PNG in the artifact store", [s.sha256 for s in stim]),
+        _column(
+            "sha256", "SHA-256 of the 8-bit PNG in the artifact store", [s.sha256 for s in stim]
+        ),
         _column("kind", "clean, attack, noise or interpolation", [s.kind.value for s in stim]),
         _column(
             "parent_stimulus_id",
@@ -317,7 +351,9 @@ def _stimuli_table(arrays: SessionArrays) -> DynamicTable:
             np.array([s.site_id if s.site_id is not None else -1 for s in stim]),
         ),
         _column(
-            "eps_requested_l2", "requested L2 budget; NaN for clean", floats([s.eps_requested_l2 for s in stim])
+            "eps_requested_l2",
+            "requested L2 budget; NaN for clean",
+            floats([s.eps_requested_l2 for s in stim]),
         ),
         _column(
             "eps_realised_l2",
@@ -367,14 +403,20 @@ def _model_versions(db: Session, version_id: int) -> DynamicTable:
         ),
         _column("backbone", "registered backbone", [v.backbone for v in chain]),
         _column("layer", "layer the readout reads", [v.layer for v in chain]),
-        _column("checkpoint_sha256", "SHA-256 of the checkpoint", [v.checkpoint_sha256 for v in chain]),
+        _column(
+            "checkpoint_sha256", "SHA-256 of the checkpoint", [v.checkpoint_sha256 for v in chain]
+        ),
         _column(
             "training_data_fingerprint",
             "SHA-256 of the training data",
             [v.training_data_fingerprint for v in chain],
         ),
-        _column("n_trials", "training (image, response) pairs", np.array([v.n_trials for v in chain])),
-        _column("created_at", "ISO 8601 time of the fit", [v.created_at.isoformat() for v in chain]),
+        _column(
+            "n_trials", "training (image, response) pairs", np.array([v.n_trials for v in chain])
+        ),
+        _column(
+            "created_at", "ISO 8601 time of the fit", [v.created_at.isoformat() for v in chain]
+        ),
     ]
     return DynamicTable(
         name="model_versions",
@@ -384,4 +426,3 @@ def _model_versions(db: Session, version_id: int) -> DynamicTable:
         ),
         columns=columns,
     )
-

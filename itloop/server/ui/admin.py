@@ -104,7 +104,7 @@ async def update_user(request: Request, user_id: int, viewer: ViewerDep, db: DbS
             status_code=422,
             errors={"users": "you cannot demote or deactivate yourself"},
         )
-    changes = {}
+    changes: dict[str, object] = {}
     if user.role is not Role(role):
         changes["role"] = role
         user.role = Role(role)
@@ -165,7 +165,9 @@ def revoke_token(request: Request, token_id: int, viewer: ViewerDep, db: DbSessi
     try:
         accounts.revoke_token(db, token_id, actor=viewer.principal)
     except ItloopError as exc:
-        return _page(request, viewer, db, status_code=exc.status_code, errors={"tokens": exc.message})
+        return _page(
+            request, viewer, db, status_code=exc.status_code, errors={"tokens": exc.message}
+        )
     return RedirectResponse("/admin?notice=token-revoked#tokens", status_code=303)
 
 

@@ -157,9 +157,7 @@ def dashboard(request: Request, viewer: ViewerDep, db: DbSession) -> Response:
 
 
 @router.get("/figures/{name}.{fmt}")
-def figure(
-    request: Request, name: str, fmt: str, viewer: ViewerDep, db: DbSession
-) -> Response:
+def figure(request: Request, name: str, fmt: str, viewer: ViewerDep, db: DbSession) -> Response:
     if name not in figures.FIGURES or fmt not in ("png", "svg", "csv"):
         return not_found(request, viewer, f"figure {name}.{fmt}")
     q = request.query_params
@@ -173,7 +171,9 @@ def figure(
     try:
         table = figures.build_table(db, name, **params)
     except ItloopError as exc:
-        return render(request, "not_found.html", viewer, status_code=exc.status_code, what=exc.message)
+        return render(
+            request, "not_found.html", viewer, status_code=exc.status_code, what=exc.message
+        )
     body = figures.render(table, cast(figures.Format, fmt))
     types = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
     headers = {"Cache-Control": "no-store"}
@@ -220,4 +220,3 @@ def export_table(
         media_type=media_type(cast(TableFormat, fmt)),
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
-

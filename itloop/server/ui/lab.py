@@ -111,9 +111,7 @@ def site_history(db: Session, site: RecordingSite) -> list[dict[str, Any]]:
                 if arrays.window_start_ms is not None and arrays.window_end_ms is not None
                 else None
             )
-            quality = next(
-                q for q in site_quality(arrays, {}, window) if q.site_id == site.id
-            )
+            quality = next(q for q in site_quality(arrays, {}, window) if q.site_id == site.id)
         rows.append(
             {
                 "session": session,
@@ -167,7 +165,11 @@ async def set_site_active(
         db.commit()
     array = db.get(ElectrodeArray, site.array_id)
     back = str(form.get("back", ""))
-    target = f"/sites/{site.id}" if back == "site" else f"/sites?subject_id={array.subject_id if array else ''}"
+    target = (
+        f"/sites/{site.id}"
+        if back == "site"
+        else f"/sites?subject_id={array.subject_id if array else ''}"
+    )
     sep = "&" if "?" in target else "?"
     notice = "site-activated" if active else "site-deactivated"
     return RedirectResponse(f"{target}{sep}notice={notice}", status_code=303)
@@ -236,9 +238,7 @@ def model_page(request: Request, version_id: int, viewer: ViewerDep, db: DbSessi
             break
         seen.add(parent.id)
         lineage.append(parent)
-    children = list(
-        db.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id))
-    )
+    children = list(db.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id)))
     sites = db.execute(
         select(ModelVersionSite, RecordingSite, ElectrodeArray.name)
         .join(RecordingSite, RecordingSite.id == ModelVersionSite.site_id)

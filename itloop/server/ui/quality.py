@@ -46,7 +46,7 @@ def coverage(arrays: SessionArrays, *, planned: int, repeats_wanted: int) -> Cov
     """Counts over the presentations of a session (``planned`` from its batch)."""
     up = arrays.uploaded
     usable = arrays.usable
-    per_stimulus = {s: 0 for s in arrays.stimuli}
+    per_stimulus = dict.fromkeys(arrays.stimuli, 0)
     for stim in arrays.stimulus_id[usable].tolist():
         per_stimulus[int(stim)] = per_stimulus.get(int(stim), 0) + 1
     repeats = np.array(list(per_stimulus.values()) or [0])

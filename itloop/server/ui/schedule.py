@@ -8,7 +8,6 @@ anything is saved.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +117,8 @@ def validate_protocol(values: dict[str, Any]) -> tuple[ProtocolCreate | None, di
     eps = _parse_eps(values["eps_l2"])
     if isinstance(eps, str):
         errors["eps_l2"] = eps
-    else:
-        data["eps_l2"] = eps
+        eps = [1.0]  # a stand-in, so that the other fields are still checked
+    data["eps_l2"] = eps
     for key in PROTOCOL_FIELDS:
         if key in ("eps_l2", "image_source"):
             continue
@@ -128,10 +127,10 @@ def validate_protocol(values: dict[str, Any]) -> tuple[ProtocolCreate | None, di
         else:
             data[key] = values[key]
     data["image_source"] = values["image_source"]
-    if errors:
+    if any(key in errors for key in PROTOCOL_FIELDS if key != "eps_l2"):
         return None, errors
     try:
-        return ProtocolCreate.model_validate(data), {}
+        protocol = ProtocolCreate.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
             loc = [str(p) for p in error["loc"]]
@@ -141,6 +140,7 @@ def validate_protocol(values: dict[str, Any]) -> tuple[ProtocolCreate | None, di
             message = str(error["msg"]).removeprefix("Value error, ")
             errors.setdefault(field, message)
         return None, errors
+    return (None, errors) if errors else (protocol, {})
 
 
 def _sites_of(db: Session, subject_id: int | None) -> list[tuple[RecordingSite, str]]:
@@ -167,12 +167,14 @@ def _estimate_for(db: Session, form: FormData) -> tuple[Estimate | None, str | N
     subject_id = _as_id(form.get("subject_id"))
     chosen = {i for i in (_as_id(v) for v in form.getlist("site_ids")) if i is not None}
     sites = _sites_of(db, subject_id)
-    n_sites = len([s for s, _a in sites if s.id in chosen]) if "sites_shown" in form else len(
-        [s for s, _a in sites if s.active]
+    n_sites = (
+        len([s for s, _a in sites if s.id in chosen])
+        if "sites_shown" in form
+        else len([s for s, _a in sites if s.active])
     )
     protocol_choice = str(form.get("protocol_id", ""))
     if protocol_choice == NEW:
-        protocol, errors = validate_protocol(_protocol_values(form))
+        protocol, _errors = validate_protocol(_protocol_values(form))
         if protocol is None:
             return None, "fix the protocol fields to see the estimate"
         eps, controls = len(protocol.eps_l2), len(protocol.controls)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.background import BackgroundTask
 
 from itloop.server import sessions as service
 from itloop.server.auth import DbSession
@@ -30,7 +27,7 @@ from itloop.server.db.tables import (
     Subject,
 )
 from itloop.server.errors import ItloopError
-from itloop.server.exports.nwb import write_session_nwb
+from itloop.server.exports.nwb import nwb_response
 from itloop.server.exports.trials import load_session
 from itloop.server.ui.quality import coverage, site_quality
 from itloop.server.ui.rendering import (
@@ -93,9 +90,7 @@ def latest_jobs(db: Session, session_ids: list[int]) -> dict[int, Job]:
     if not session_ids:
         return {}
     jobs: dict[int, Job] = {}
-    for job in db.scalars(
-        select(Job).where(Job.session_id.in_(session_ids)).order_by(Job.id)
-    ):
+    for job in db.scalars(select(Job).where(Job.session_id.in_(session_ids)).order_by(Job.id)):
         if job.session_id is not None:
             jobs[job.session_id] = job
     return jobs
@@ -151,9 +146,7 @@ def _calendar(db: Session, request: Request, filters: dict[str, Any]) -> dict[st
     except ValueError:
         first = dt.date.today().replace(day=1)
     last_day = calendar.monthrange(first.year, first.month)[1]
-    month_filters = dict(
-        filters, since=first, until=first.replace(day=last_day)
-    )
+    month_filters = dict(filters, since=first, until=first.replace(day=last_day))
     by_day: dict[dt.date, list[RecordingSession]] = defaultdict(list)
     for s in _query_sessions(db, month_filters):
         by_day[s.scheduled_for.date()].append(s)
@@ -206,9 +199,7 @@ def _live_context(db: Session, session: RecordingSession) -> dict[str, Any]:
                 if arrays.window_start_ms is not None and arrays.window_end_ms is not None
                 else None
             )
-            context["quality"] = site_quality(
-                arrays, _site_labels(db, arrays.site_ids), window
-            )
+            context["quality"] = site_quality(arrays, _site_labels(db, arrays.site_ids), window)
     return context
 
 
@@ -250,8 +241,7 @@ def session_live(request: Request, session_id: int, viewer: ViewerDep, db: DbSes
 _ACTIONS = {
     "cancel": (
         "Cancel",
-        "Cancelling stops its generation job and the session can never run. This cannot be "
-        "undone.",
+        "Cancelling stops its generation job and the session can never run. This cannot be undone.",
     ),
     "regenerate": (
         "Re-generate",
@@ -345,9 +335,7 @@ def do_action(
 
 
 @router.get("/sessions/{session_id:int}/cancel", response_class=HTMLResponse)
-def confirm_cancel(
-    request: Request, session_id: int, viewer: ViewerDep, db: DbSession
-) -> Response:
+def confirm_cancel(request: Request, session_id: int, viewer: ViewerDep, db: DbSession) -> Response:
     return confirm_action(request, session_id, "cancel", viewer, db)
 
 
@@ -373,26 +361,4 @@ def session_nwb(request: Request, session_id: int, viewer: ViewerDep, db: DbSess
     session = _session_or_none(db, session_id)
     if session is None:
         return not_found(request, viewer, f"session {session_id}")
-    return nwb_download(db, session_id)
-
-
-def nwb_download(db: Session, session_id: int) -> FileResponse:
-    """Write the session's NWB file to a private temporary directory and stream it."""
-    workdir = Path(tempfile.mkdtemp(prefix="itloop-nwb-"))
-    try:
-        path = write_session_nwb(db, session_id, workdir / f"itloop-session-{session_id}.nwb")
-    except BaseException:
-        _remove(workdir)
-        raise
-    return FileResponse(
-        path,
-        media_type="application/x-nwb",
-        filename=path.name,
-        background=BackgroundTask(_remove, workdir),
-    )
-
-
-def _remove(workdir: Path) -> None:
-    for child in workdir.iterdir():
-        child.unlink(missing_ok=True)
-    workdir.rmdir()
+    return nwb_response(db, session_id)
