@@ -396,3 +396,46 @@ def bench_upload(
             bench_main(targets, presentations=presentations, sites=sites, chunk=chunk), indent=2
         )
     )
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(min=1, help="Simulated recording days.")] = 4,
+    sites: Annotated[
+        int, typer.Option(min=2, help="Recording sites of the synthetic monkey.")
+    ] = 16,
+    images_per_site: Annotated[
+        int, typer.Option(min=2, help="Clean images per site per day.")
+    ] = 24,
+    eps: Annotated[str, typer.Option(help="ε list at 224×224, comma-separated.")] = "1,2,4",
+    seed: Annotated[int, typer.Option(help="Seed of the whole run.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the data, report.json, figures.")
+    ] = None,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Keep the server running afterwards.")
+    ] = True,
+) -> None:
+    """The closed loop on a synthetic monkey, several days, on a CPU; prints the per-day table."""
+    from itloop.demo import DemoConfig, run_demo
+
+    try:
+        eps_224 = tuple(float(e) for e in eps.split(",") if e.strip())
+    except ValueError as exc:
+        raise _fail(ValueError(f"--eps {eps!r} is not a comma-separated list of numbers")) from exc
+    if not eps_224 or min(eps_224) <= 0:
+        raise _fail(ValueError(f"--eps {eps!r} must list positive budgets"))
+    _log_to_console()
+    config = DemoConfig(
+        days=days, sites=sites, images_per_site=images_per_site, eps_224=eps_224, seed=seed, out=out
+    )
+    report = run_demo(config, console)
+    if not serve_after:
+        return
+    data_dir = Path(report["out"]) / "itloop-data"
+    os.environ["ITLOOP_DATA_DIR"] = str(data_dir)
+    creds = report["credentials"]
+    console.print(
+        f"[bold]results in the UI[/bold]: log in as {creds['email']} / {creds['password']}"
+    )
+    serve(host=None, port=None, data_dir=data_dir)

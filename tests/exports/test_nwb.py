@@ -83,3 +83,29 @@ def test_an_interrupted_export_leaves_nothing(
     with recorded.sessions() as db, pytest.raises(OSError, match="disk full"):
         write_session_nwb(db, recorded.lab.session_ids[0], target)
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_session_with_nothing_recorded_is_refused(db_url: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from itloop.server import migrate
+    from itloop.server.app import create_app
+    from itloop.server.db import make_engine, make_sessionmaker
+    from itloop.server.db.tables import Role
+    from itloop.server.settings import Settings
+
+    from ..server.conftest import Server, bearer
+    from ..server.lab_fixture import make_lab
+
+    migrate.upgrade(db_url)
+    settings = Settings(environment="test", data_dir=tmp_path / "d", database_url=db_url)
+    settings.prepare_data_dir()
+    engine = make_engine(db_url)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        server = Server(client, engine, make_sessionmaker(engine), settings)
+        lab = make_lab(server)
+        token = server.user_token(Role.analyst)
+        answer = client.get(f"/api/v1/sessions/{lab.session_id}/export.nwb", headers=bearer(token))
+        assert answer.status_code == 409
+        assert "no presentation with an onset" in answer.json()["message"]
+    engine.dispose()

@@ -71,6 +71,7 @@ def test_api_conforms_to_its_schema(api: dict[str, Any]) -> None:
             max_examples=60,
             deadline=None,
             database=None,
+            derandomize=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         )
         def run(case: Any) -> None:

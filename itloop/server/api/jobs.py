@@ -24,6 +24,11 @@ class RefitRequest(WireModel):
     subject_id: Id
     night: dt.date | None = Field(default=None, description="default: today (UTC)")
     again: bool = Field(default=False, description="run even if this night's refit exists")
+    fit: dict[str, float | int | bool] | None = Field(
+        default=None,
+        description="fit settings for this refit (FitConfig fields, e.g. freeze_backbone)",
+        max_length=32,
+    )
 
 
 def service(request: Request) -> JobService:
@@ -65,9 +70,12 @@ def trigger_refit(body: RefitRequest, request: Request, db: DbSession, _who: Wri
     key = f"subject-{body.subject_id}-{night.isoformat()}"
     if body.again:
         key += f"-{uuid.uuid4().hex[:12]}"
+    payload: dict[str, object] = {"subject_id": body.subject_id, "night": night.isoformat()}
+    if body.fit:
+        payload["fit"] = body.fit
     return service(request).enqueue(
         JobKind.refit,
-        {"subject_id": body.subject_id, "night": night.isoformat()},
+        payload,
         key=key,
         subject_id=body.subject_id,
     )

@@ -71,8 +71,9 @@ _SEX = {"M": "M", "F": "F", "U": "U", "O": "O"}
 def write_session_nwb(db: Session, session_id: int, target: Path) -> Path:
     """Write session ``session_id`` to ``target`` atomically; returns ``target``.
 
-    Refuses (Conflict) a session without a published batch. The file appears only complete:
-    it is written next to ``target`` under a temporary name and renamed.
+    Refuses (Conflict) a session without a published batch or without any recorded onset. The
+    file appears only complete: it is written next to ``target`` under a temporary name and
+    renamed.
     """
     session = get_session(db, session_id)
     batch = db.scalar(select(Batch).where(Batch.session_id == session.id))
@@ -83,6 +84,13 @@ def write_session_nwb(db: Session, session_id: int, target: Path) -> Path:
             value=session_id,
         )
     arrays = load_session(db, session_id)
+    if not bool((arrays.has_onset & (arrays.tick_rate_hz > 0)).any()):
+        raise Conflict(
+            f"session {session_id} has no presentation with an onset marker uploaded yet; "
+            "there is nothing to export",
+            field="session_id",
+            value=session_id,
+        )
     nwbfile = _build(db, session, batch, arrays)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
