@@ -34,7 +34,7 @@ system-packages:
 	fi
 
 demo: install
-	ITLOOP_DATA_DIR=$${ITLOOP_DATA_DIR:-./itloop-data} $(BIN)/itloop serve
+	$(BIN)/itloop demo --out ./itloop-data/demo-$$(date +%Y%m%d-%H%M%S) $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check itloop tests

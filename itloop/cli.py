@@ -400,13 +400,15 @@ def bench_upload(
 
 @app.command()
 def demo(
-    days: Annotated[int, typer.Option(min=1, help="Simulated recording days.")] = 4,
+    days: Annotated[
+        int, typer.Option(min=1, help="Measured days after the day-0 mapping session.")
+    ] = 4,
     sites: Annotated[
         int, typer.Option(min=2, help="Recording sites of the synthetic monkey.")
     ] = 16,
     images_per_site: Annotated[
         int, typer.Option(min=2, help="Clean images per site per day.")
-    ] = 24,
+    ] = 12,
     eps: Annotated[str, typer.Option(help="ε list at 224×224, comma-separated.")] = "1,2,4",
     seed: Annotated[int, typer.Option(help="Seed of the whole run.")] = 0,
     out: Annotated[
@@ -429,7 +431,10 @@ def demo(
     config = DemoConfig(
         days=days, sites=sites, images_per_site=images_per_site, eps_224=eps_224, seed=seed, out=out
     )
-    report = run_demo(config, console)
+    try:
+        report = run_demo(config, console)
+    except ValueError as exc:
+        raise _fail(exc) from exc
     if not serve_after:
         return
     data_dir = Path(report["out"]) / "itloop-data"

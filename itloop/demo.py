@@ -1,5 +1,8 @@
 """``itloop demo``: the whole closed loop, several simulated days, on the synthetic monkey.
 
+As in the paper, day 0 maps the sites with the untrained readout (its attacks are reported but
+not counted as a measurement); days 1…D use the model refitted each night on everything so far.
+
 Everything is the real system: the server (HTTP on loopback), a worker process running the
 durable generation and refit jobs, the rig client (pull, headless presenter, spool, upload),
 and a Blackrock recording per session that the rig client reads through neo. Only the monkey
@@ -78,7 +81,7 @@ class DemoConfig:
 
     days: int = 4
     sites: int = 16
-    images_per_site: int = 24
+    images_per_site: int = 12
     eps_224: tuple[float, ...] = (1.0, 2.0, 4.0)
     seed: int = 0
     px: int = 64
@@ -234,6 +237,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
     started = time.monotonic()
     torch.manual_seed(config.seed)
     root = Path(config.out) if config.out else Path(tempfile.mkdtemp(prefix="itloop-demo-"))
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"demo output folder {str(root)!r} is not empty; name a new one")
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
     data_dir = root / "itloop-data"
@@ -350,10 +355,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
             rig_client = RigServerClient(server.url, rig_token, timeout_s=120)
             spool = Spool(root / "rig" / "spool.sqlite3")
             first_day = dt.date(2026, 1, 5)
-            for day in range(1, config.days + 1):
+            for day in range(config.days + 1):
                 day_started = time.monotonic()
-                truth.day = day - 1
-                date = first_day + dt.timedelta(days=day - 1)
+                truth.day = day
+                date = first_day + dt.timedelta(days=day)
                 session = _expect(
                     api.post(
                         "/api/v1/sessions",
@@ -559,7 +564,8 @@ def _report(
         for d in days
         for r in d["results"]
     ]
-    first, last = per_day[0]["by_eps"][0]["attack"], per_day[-1]["by_eps"][0]["attack"]
+    measured = [d for d in per_day if d["day"] >= 1]
+    first, last = measured[0]["by_eps"][0]["attack"], measured[-1]["by_eps"][0]["attack"]
     return {
         "config": {**asdict(config), "out": str(config.out) if config.out else None, "eps_l2": eps},
         "elapsed_s": round(elapsed_s, 1),
