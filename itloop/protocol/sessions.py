@@ -51,6 +51,13 @@ class SessionOut(WireModel):
     created_at: dt.datetime
 
 
+class SessionUpdate(WireModel):
+    """What may change while a session is still ``scheduled``."""
+
+    scheduled_for: dt.datetime | None = None
+    notes: str | None = Field(default=None, max_length=10_000)
+
+
 class SessionTransition(WireModel):
     to: SessionState
     reason: str | None = Field(default=None, max_length=2000)

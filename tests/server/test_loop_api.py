@@ -402,3 +402,31 @@ def test_counts_in_any_site_order_are_stored_by_site(server: Server) -> None:
     by_key = {(i["presentation_id"], i["site_id"]): i["spike_count"] for i in items}
     seq_of = {p: n for n, p in enumerate(sorted({i["presentation_id"] for i in items}))}
     assert all(count == 10 * seq_of[pid] + site for (pid, site), count in by_key.items())
+
+
+def test_session_update_and_delete_only_before_generation(server: Server) -> None:
+    lab = make_lab(server, publish=False)
+    staff = server.user_token(Role.staff)
+    url = f"/api/v1/sessions/{lab.session_id}"
+    moved = server.client.patch(
+        url, json={"scheduled_for": "2026-12-05T10:00:00Z", "notes": "moved"}, headers=bearer(staff)
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["scheduled_for"].startswith("2026-12-05T10:00:00")
+    assert moved.json()["notes"] == "moved"
+    analyst = server.user_token(Role.analyst)
+    assert server.client.delete(url, headers=bearer(analyst)).status_code == 403
+    assert server.client.delete(url, headers=bearer(staff)).status_code == 204
+    assert server.client.get(url, headers=bearer(staff)).status_code == 404
+
+
+def test_generated_session_cannot_be_changed_or_deleted(server: Server) -> None:
+    lab = make_lab(server)
+    staff = server.user_token(Role.staff)
+    url = f"/api/v1/sessions/{lab.session_id}"
+    before = server.counts()
+    assert server.client.patch(url, json={"notes": "x"}, headers=bearer(staff)).status_code == 409
+    refused = server.client.delete(url, headers=bearer(staff))
+    assert refused.status_code == 409
+    assert "cancel it" in refused.json()["message"]
+    assert server.counts() == before

@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 
-from itloop.protocol.sessions import SessionCreate, SessionOut, SessionTransition
+from itloop.protocol.sessions import SessionCreate, SessionOut, SessionTransition, SessionUpdate
 from itloop.protocol.sessions import SessionState as WireState
+from itloop.server import audit
 from itloop.server import sessions as service
 from itloop.server.api.params import PathId, QueryId
 from itloop.server.auth import CurrentPrincipal, DbSession, Reader, Writer, check_rig_access
-from itloop.server.db.tables import RecordingSession, SessionState
+from itloop.server.db.tables import Job, RecordingSession, SessionState, Stimulus
+from itloop.server.errors import Conflict
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -102,3 +104,43 @@ def transition_session(
     )
     db.commit()
     return to_wire(session)
+
+
+@router.patch("/{session_id}", response_model=SessionOut)
+def update_session(
+    session_id: PathId, body: SessionUpdate, db: DbSession, who: Writer
+) -> SessionOut:
+    """Move or annotate a session that has not started generating (else 409)."""
+    session = service.get_session(db, session_id)
+    if session.state is not SessionState.scheduled:
+        raise Conflict(
+            f"session {session_id} is {session.state.value!r}; only a scheduled session changes",
+            field="session_id",
+            value=session_id,
+        )
+    changes = body.model_dump(exclude_none=True)
+    for name, value in changes.items():
+        setattr(session, name, value)
+    audit.record(db, who, "session.update", "session", session_id, fields=sorted(changes))
+    db.commit()
+    return to_wire(session)
+
+
+@router.delete("/{session_id}", status_code=204)
+def delete_session(session_id: PathId, db: DbSession, who: Writer) -> None:
+    """Delete a scheduled or cancelled session that has no stimuli (else 409: cancel it)."""
+    session = service.get_session(db, session_id)
+    has_stimuli = db.scalar(select(Stimulus.id).where(Stimulus.session_id == session_id).limit(1))
+    deletable = (SessionState.scheduled, SessionState.cancelled, SessionState.failed)
+    if session.state not in deletable or has_stimuli is not None:
+        raise Conflict(
+            f"session {session_id} is {session.state.value!r} with generated stimuli; cancel it "
+            "instead (its records are kept)",
+            field="session_id",
+            value=session_id,
+        )
+    for job in db.scalars(select(Job).where(Job.session_id == session_id)):
+        job.session_id = None
+    audit.record(db, who, "session.delete", "session", session_id)
+    db.delete(session)
+    db.commit()

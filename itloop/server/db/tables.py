@@ -326,7 +326,9 @@ class RecordingSession(TimestampMixin, Base):
     subject: Mapped[Subject] = relationship()
     rig: Mapped[Rig] = relationship()
     protocol: Mapped[Protocol] = relationship()
-    sites: Mapped[list[SessionSite]] = relationship(back_populates="session")
+    sites: Mapped[list[SessionSite]] = relationship(
+        back_populates="session", cascade="all, delete-orphan"
+    )
 
 
 class SessionSite(Base):
