@@ -444,3 +444,84 @@ def demo(
         f"[bold]results in the UI[/bold]: log in as {creds['email']} / {creds['password']}"
     )
     serve(host=None, port=None, data_dir=data_dir)
+
+
+@bench_app.command("units")
+def bench_units(
+    backbone: Annotated[str, typer.Option(help="Registered backbone.")] = "resnet18",
+    layer: Annotated[str | None, typer.Option(help="Cut layer (default: the backbone's).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Lab-provided weights.")] = None,
+    trusted: Annotated[bool, typer.Option(help="Allow a pickled checkpoint.")] = False,
+    eps: Annotated[
+        str, typer.Option(help="ε list (L2, [0, 1] units), comma-separated.")
+    ] = "0.5,1,2",
+    images: Annotated[int, typer.Option(min=2)] = 8,
+    units: Annotated[int, typer.Option(min=1)] = 16,
+    px: Annotated[int, typer.Option(min=16)] = 224,
+    restarts: Annotated[int, typer.Option(min=1)] = 100,
+    steps: Annotated[int, typer.Option(min=1)] = 250,
+    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """White-box unit sensitivity of a registered model (§3.2), printed as JSON."""
+    import json
+    import tempfile
+    import time
+
+    import torch
+
+    from itloop.demo import texture_folder
+    from itloop.models import build_backbone
+    from itloop.stimulus.images import load_image
+    from itloop.stimulus.units import PooledUnits, UnitSearch, unit_sensitivity
+
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
+    net = PooledUnits(
+        build_backbone(backbone, layer=layer, pretrained_path=checkpoint, trusted=trusted)
+    ).to(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = texture_folder(Path(tmp), classes=images, per_class=1, px=px, seed=seed)
+        batch = torch.stack(
+            [load_image(p, size_hw=(px, px)) for p in sorted(folder.glob("*/*.png"))]
+        )
+    pick = torch.randperm(
+        int(net(batch[:1].to(dev)).shape[1]), generator=torch.Generator().manual_seed(seed)
+    )[:units]
+    out = []
+    for e in (float(v) for v in eps.split(",")):
+        started = time.perf_counter()
+        result = unit_sensitivity(
+            net,
+            batch.to(dev),
+            e,
+            units=pick,
+            search=UnitSearch(restarts=restarts, steps=steps),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        out.append(
+            {
+                "eps_l2": e,
+                "mean_normalised": float(result.normalised.mean()),
+                "per_unit_normalised": [round(float(v), 4) for v in result.normalised],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "backbone": backbone,
+                "layer": net.features.layer,
+                "device": str(dev),
+                "images": images,
+                "units": units,
+                "restarts": restarts,
+                "steps": steps,
+                "results": out,
+            },
+            indent=1,
+        )
+    )
