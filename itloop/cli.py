@@ -6,6 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,9 +143,34 @@ def serve(
             _stop_worker_process(worker)
 
 
+PARENT_PID_VARIABLE = "ITLOOP_WORKER_PARENT_PID"
+
+
+def _stop_with_parent() -> threading.Event | None:
+    """A stop event set when the process named by ITLOOP_WORKER_PARENT_PID is gone."""
+    raw = os.environ.get(PARENT_PID_VARIABLE)
+    if not raw:
+        return None
+    parent = int(raw)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                err.print("worker: the server that started it is gone; stopping")
+                stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    return stop
+
+
 def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    """The embedded default's worker: a child process, so the server itself never loads torch."""
+    """The embedded default's worker: a child process, so the server itself never loads torch.
+
+    It stops by itself if the server dies without stopping it.
+    """
     env = dict(os.environ)
+    env[PARENT_PID_VARIABLE] = str(os.getpid())
     env.update(
         ITLOOP_DATA_DIR=str(settings.data_dir.resolve()),
         ITLOOP_DATABASE_URL=settings.effective_database_url,
@@ -174,7 +200,7 @@ def worker() -> None:
     settings = load_settings()
     settings.prepare_data_dir()
     console.print(f"worker on {_display_url(settings.effective_database_url)}")
-    run_worker(settings)
+    run_worker(settings, stop_event=_stop_with_parent())
 
 
 def _log_to_console() -> None:

@@ -260,7 +260,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
     )
     files = sorted(images_dir.glob("*/*.png"))
     rng = np.random.default_rng(config.seed + 1)
-    reference = [files[int(i)] for i in rng.choice(len(files), size=64, replace=False)]
+    n_reference = min(64, len(files) // 4)
+    reference = [files[int(i)] for i in rng.choice(len(files), size=n_reference, replace=False)]
     truth.calibrate(torch.stack([load_image(p, size_hw=(config.px, config.px)) for p in reference]))
     held_out = [f for f in files if f not in set(reference)][
         -config.sites * config.truth_images_per_site :
@@ -287,6 +288,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
         ITLOOP_MODEL_CHECKPOINT=str(checkpoint.resolve()),
         ITLOOP_MODEL_INPUT_PX=str(config.px),
         ITLOOP_DEVICE="cpu",
+        ITLOOP_WORKER_PARENT_PID=str(os.getpid()),
     )
     log_path = root / "worker.log"
     with log_path.open("w") as log_file:

@@ -92,7 +92,7 @@ def test_serve_on_a_fresh_directory(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
