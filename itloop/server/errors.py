@@ -46,3 +46,13 @@ class PermissionDenied(ItloopError):
 class CredentialsInUrl(ItloopError):
     status_code = 400
     code = "credentials_in_url"
+
+
+class UnsupportedMediaType(ItloopError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class BadIdempotencyKey(ItloopError):
+    status_code = 400
+    code = "bad_idempotency_key"

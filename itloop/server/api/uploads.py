@@ -15,21 +15,11 @@ from itloop.protocol.batches import IDEMPOTENCY_KEY_PATTERN, UploadChunk, Upload
 from itloop.server import uploads
 from itloop.server.api.params import PathId
 from itloop.server.auth import CurrentPrincipal, DbSession, Principal, check_rig_access
-from itloop.server.errors import InvalidInput, ItloopError
+from itloop.server.errors import BadIdempotencyKey, InvalidInput, UnsupportedMediaType
 from itloop.server.sessions import get_session
 
 router = APIRouter(prefix="/sessions/{session_id}", tags=["rig"])
 _KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
-
-
-class UnsupportedMediaType(ItloopError):
-    status_code = 415
-    code = "unsupported_media_type"
-
-
-class BadIdempotencyKey(ItloopError):
-    status_code = 400
-    code = "bad_idempotency_key"
 
 
 @router.post(
