@@ -7,7 +7,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from itloop.protocol.batches import StimulusKind as WireKind
 from itloop.protocol.sessions import Page, ResponseOut, SensitivityResultOut
@@ -21,6 +21,7 @@ from itloop.server.db.tables import (
     SessionSite,
     StimulusKind,
 )
+from itloop.server.results import filter_sensitivity
 from itloop.server.uploads import unpack_counts
 
 router = APIRouter(tags=["results"])
@@ -44,20 +45,16 @@ def sensitivity(
         .join(Analysis)
         .order_by(SensitivityResult.day, SensitivityResult.site_id, SensitivityResult.eps_l2)
     )
-    if subject_id is not None:
-        query = query.where(Analysis.subject_id == subject_id)
-    if session_id is not None:
-        query = query.where(Analysis.session_id == session_id)
-    if site_id is not None:
-        query = query.where(SensitivityResult.site_id == site_id)
-    if eps_l2 is not None:
-        query = query.where(func.abs(SensitivityResult.eps_l2 - eps_l2) < 1e-9)
-    if kind is not None:
-        query = query.where(SensitivityResult.kind == StimulusKind(kind.value))
-    if day_from is not None:
-        query = query.where(SensitivityResult.day >= day_from)
-    if day_to is not None:
-        query = query.where(SensitivityResult.day <= day_to)
+    query = filter_sensitivity(
+        query,
+        subject_id=subject_id,
+        session_id=session_id,
+        site_id=site_id,
+        eps_l2=eps_l2,
+        kind=None if kind is None else StimulusKind(kind.value),
+        day_from=day_from,
+        day_to=day_to,
+    )
     return list(db.scalars(query))
 
 

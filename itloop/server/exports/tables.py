@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from itloop.server.db.tables import (
@@ -26,6 +26,7 @@ from itloop.server.db.tables import (
 )
 from itloop.server.errors import InvalidInput
 from itloop.server.exports.trials import load_session
+from itloop.server.results import filter_sensitivity
 
 __all__ = [
     "RESPONSE_SCHEMA",
@@ -208,20 +209,16 @@ def sensitivity_table(
             SensitivityResult.id,
         )
     )
-    if subject_id is not None:
-        query = query.where(Analysis.subject_id == subject_id)
-    if session_id is not None:
-        query = query.where(Analysis.session_id == session_id)
-    if site_id is not None:
-        query = query.where(SensitivityResult.site_id == site_id)
-    if eps_l2 is not None:
-        query = query.where(func.abs(SensitivityResult.eps_l2 - eps_l2) < 1e-9)
-    if kind is not None:
-        query = query.where(SensitivityResult.kind == kind)
-    if day_from is not None:
-        query = query.where(SensitivityResult.day >= day_from)
-    if day_to is not None:
-        query = query.where(SensitivityResult.day <= day_to)
+    query = filter_sensitivity(
+        query,
+        subject_id=subject_id,
+        session_id=session_id,
+        site_id=site_id,
+        eps_l2=eps_l2,
+        kind=kind,
+        day_from=day_from,
+        day_to=day_to,
+    )
     columns: dict[str, list[Any]] = {f.name: [] for f in SENSITIVITY_SCHEMA}
     for result, analysis in db.execute(query).all():
         values = {
