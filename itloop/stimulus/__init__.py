@@ -19,7 +19,13 @@ from itloop.stimulus.images import (
     sha256_hex,
     write_png,
 )
-from itloop.stimulus.precision import Fp32Input, exact_fp32, keep_first_conv_fp32
+from itloop.stimulus.precision import (
+    Fp32Input,
+    SplitStem,
+    exact_fp32,
+    keep_first_conv_fp32,
+    split_first_conv,
+)
 from itloop.stimulus.quantisation import (
     from_levels,
     max_sum_sq_levels,
@@ -39,6 +45,7 @@ __all__ = [
     "ControlResult",
     "Fp32Input",
     "L2Ball",
+    "SplitStem",
     "StimulusError",
     "decode_png",
     "encode_png",
@@ -58,6 +65,7 @@ __all__ = [
     "realised_eps_l2",
     "select_largest_change",
     "sha256_hex",
+    "split_first_conv",
     "to_levels",
     "write_png",
 ]

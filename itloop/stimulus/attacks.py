@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from itloop.stimulus.constraints import project_l2_box_rows
 from itloop.stimulus.errors import AttackError
 from itloop.stimulus.folding import fold_batchnorm
-from itloop.stimulus.precision import exact_fp32, keep_first_conv_fp32
+from itloop.stimulus.precision import (
+    SplitStem,
+    exact_fp32,
+    keep_first_conv_fp32,
+    split_first_conv,
+)
 from itloop.stimulus.quantisation import (
     LEVELS,
     from_levels,
@@ -230,6 +235,10 @@ class AttackConfig:
     """How the attack runs; the defaults are the paper's (100 steps of ε/3, random start).
 
     autocast_dtype: dtype of the network body in the loop (None: fp32); the first layer stays fp32.
+    split_first_conv: under autocast, evaluate the first convolution as exact-fp32 conv(x) plus
+    conv(δ) in the autocast dtype (precision.SplitStem); False: one fp32 convolution of x + δ.
+    stem_channel_multiple: the split convolution's input channels are zero-padded to a multiple of
+    this (8 lets bf16 tensor cores take a 3-channel input).
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
     """
@@ -245,12 +254,18 @@ class AttackConfig:
     compile: bool = False
     compile_mode: str | None = None
     quantisation_aware: bool = True
+    split_first_conv: bool = True
+    stem_channel_multiple: int = 8
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
             raise ValueError(
                 f"steps ({self.steps}) must be >= 0, batch_size ({self.batch_size}) and "
                 f"projection_iterations ({self.projection_iterations}) >= 1"
+            )
+        if self.stem_channel_multiple < 1:
+            raise ValueError(
+                f"stem_channel_multiple must be >= 1, got {self.stem_channel_multiple}"
             )
         if not self.step_ratio > 0:
             raise ValueError(f"step_ratio must be > 0, got {self.step_ratio}")
@@ -273,6 +288,7 @@ class AttackEngine:
     config: AttackConfig = field(default_factory=AttackConfig)
     _fast: nn.Module | None = field(default=None, init=False, repr=False)
     _update: Callable[..., Tensor] | None = field(default=None, init=False, repr=False)
+    _stems: list[SplitStem] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -287,7 +303,11 @@ class AttackEngine:
         fast = (
             fold_batchnorm(self.model, example) if cfg.fold_batchnorm else copy.deepcopy(self.model)
         )
-        fast = keep_first_conv_fp32(fast.eval())
+        fast = fast.eval()
+        if cfg.autocast_dtype is not None and cfg.split_first_conv:
+            fast = split_first_conv(fast, pad_channels_to=cfg.stem_channel_multiple)
+        else:
+            fast = keep_first_conv_fp32(fast)
         for p in fast.parameters():
             p.requires_grad_(False)
         if cfg.channels_last:
@@ -297,7 +317,13 @@ class AttackEngine:
             fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
             update = torch.compile(_pgd_update, dynamic=False)
         self._fast, self._update = fast, update
+        self._stems = [m for m in fast.modules() if isinstance(m, SplitStem)]
         return fast
+
+    def _set_reference(self, x: Tensor) -> None:
+        """Make the clean batch ``x`` the reference of the split first convolution."""
+        for stem in self._stems:
+            stem.set_reference(x)
 
     def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
@@ -328,7 +354,12 @@ class AttackEngine:
         bs = self.config.batch_size
         with torch.no_grad(), exact_fp32():
             for start in range(0, images.shape[0], bs):
-                out = self.model(images[start : start + bs].float()).float()
+                chunk = images[start : start + bs].float()
+                n = chunk.shape[0]
+                if n < bs and chunk.is_cuda:
+                    # One input shape for every call: cuDNN autotunes each new shape (seconds).
+                    chunk = torch.cat([chunk, chunk[-1:].expand(bs - n, *chunk.shape[1:])])
+                out = self.model(chunk.contiguous()).float()[:n]
                 if site_index is not None:
                     idx = site_index[start : start + bs].to(out.device)
                     out = out.gather(1, idx.unsqueeze(1)).squeeze(1)
@@ -459,6 +490,7 @@ class AttackEngine:
             raise RuntimeError("prepare() first")
         cfg = self.config
         n_steps = cfg.steps if steps is None else steps
+        self._set_reference(x)
         noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device)
         d = x[0].numel()
         radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows, select_largest_change
+from itloop.stimulus.attacks import (
+    AttackConfig,
+    AttackEngine,
+    AttackResult,
+    AttackRows,
+    select_largest_change,
+)
 from itloop.stimulus.images import write_png
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
@@ -78,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor's)")
     p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--split-first-conv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="first conv as exact conv(x) + bf16 conv(δ) (default) or one fp32 conv of x + δ",
+    )
     p.add_argument("--torchattacks", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lab-day", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -285,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         channels_last=args.channels_last,
         compile=use_compile,
         compile_mode=args.compile_mode,
+        split_first_conv=args.split_first_conv,
     )
     engine = AttackEngine(model, config)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -318,7 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ours["config"] = {
         "autocast": "bf16" if dtype else "fp32",
-        "first_conv": "fp32 input, autocast off",
+        "first_conv": (
+            "split: exact-fp32 conv(x) once per batch + autocast conv(δ), "
+            f"input channels padded to a multiple of {config.stem_channel_multiple}"
+            if dtype and config.split_first_conv
+            else "fp32 input, autocast off"
+        ),
         "cudnn_conv_fp32_precision": conv_fp32_precision(),
         "fold_batchnorm": args.fold_bn,
         "channels_last": args.channels_last,
@@ -394,10 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             float(ta_delta.flatten(1).norm(dim=1).mean() / eps), 4
         )
 
-    result, run_s = _timed(
-        lambda: engine.run(images, rows, generator=torch.Generator().manual_seed(args.seed)),
-        device,
-    )
+    def full_run() -> AttackResult:
+        return engine.run(images, rows, generator=torch.Generator().manual_seed(args.seed))
+
+    _, run_warm_s = _timed(full_run, device)  # first call: cuDNN picks the fp32 scoring kernels
+    result, run_s = _timed(full_run, device)
     quality["ours_quantised"] = _best_sign_mean(result.predicted_change)
     quality["ours_quantised_realised_eps_over_requested_max"] = round(
         float((result.realised_eps_l2 / result.eps_l2).max()), 6
@@ -429,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rows": b,
                 "steps": steps,
                 "engine_run_s": round(run_s, 3),
+                "engine_first_run_s": round(run_warm_s, 3),
                 "png_s_per_image": round(png_s, 5),
                 "png_workers": workers,
             },

@@ -1,4 +1,4 @@
-"""Numerics that keep a small perturbation intact: an fp32 first layer under autocast, exact fp32.
+"""Numerics that keep a small perturbation intact: a split first layer, an fp32 one, exact fp32.
 
 Casting ``x + δ`` to bf16 (8 significant bits) erases about a quarter of an ε = 1 perturbation: its
 per-pixel change (~0.003) is below half a bf16 step for most pixel values. So the image, δ and the
@@ -6,6 +6,13 @@ projection stay fp32, and the first convolution runs with autocast off on its fp
 output enters the bf16 part of the network. cuDNN may still run that fp32 convolution in TF32 (11
 significant bits; PyTorch's default for convolutions) inside the attack loop; the predictions that
 are stored with a stimulus are computed under :func:`exact_fp32`.
+
+:class:`SplitStem` is what the attack loop uses under autocast. The first convolution is linear, so
+``conv(x + δ) = conv(x) + conv(δ)``: the clean term is computed once per batch in exact fp32 and the
+perturbation term on δ itself, in the autocast dtype. Rounding δ (not x + δ) to bf16 changes it by
+at most 2⁻⁹ of its own size, so nothing of the perturbation is erased, and the convolution runs on
+tensor cores (its input channels zero-padded to a multiple of 8), where an fp32 convolution with
+three input channels falls back to slow kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Fp32Input", "conv_fp32_precision", "exact_fp32", "keep_first_conv_fp32"]
+__all__ = [
+    "Fp32Input",
+    "SplitStem",
+    "conv_fp32_precision",
+    "exact_fp32",
+    "first_conv",
+    "keep_first_conv_fp32",
+    "split_first_conv",
+]
 
 
 class Fp32Input(nn.Module):
@@ -29,15 +44,100 @@ class Fp32Input(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) input of any float dtype -> the layer's output (fp32 or autocast dtype)."""
-        device_type = x.device.type
-        cast_to = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else None
+        return _fp32_layer(self.layer, x)
+
+
+def _fp32_layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` in fp32 with autocast off; under autocast the output gets autocast's dtype."""
+    device_type = x.device.type
+    cast_to = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    )
+    with torch.autocast(device_type=device_type, enabled=False):
+        y: Tensor = layer(x.float())
+    return y if cast_to is None else y.to(cast_to)
+
+
+class SplitStem(nn.Module):
+    """A Conv2d evaluated as conv(ref) + conv(z − ref) with ``ref`` a clean batch set beforehand.
+
+    Exact for any ``ref`` (the convolution and its padding are linear); precise when ``ref`` is the
+    clean image of each row, since then only δ = z − ref is rounded to the autocast dtype. Without
+    autocast, or before :meth:`set_reference`, or for inputs of another shape, it is the plain fp32
+    convolution of z. The reference lives in buffers updated in place, so a compiled model that
+    reads them is not recompiled when the batch changes.
+    """
+
+    ref_input: Tensor
+    ref_output: Tensor
+    weight_padded: Tensor
+
+    def __init__(self, conv: nn.Conv2d, *, pad_channels_to: int = 8) -> None:
+        super().__init__()
+        if pad_channels_to < 1:
+            raise ValueError(f"pad_channels_to must be >= 1, got {pad_channels_to}")
+        self.conv = conv
+        c_in = conv.in_channels
+        self.padded_channels = (
+            -(-c_in // pad_channels_to) * pad_channels_to if conv.groups == 1 else c_in
         )
-        with torch.autocast(device_type=device_type, enabled=False):
-            y: Tensor = self.layer(x.float())
-        return y if cast_to is None else y.to(cast_to)
+        w = conv.weight.detach()
+        extra = self.padded_channels - c_in
+        if extra:
+            w = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
+        self.register_buffer("weight_padded", w.contiguous(), persistent=False)
+        self.register_buffer("ref_input", torch.zeros(0), persistent=False)
+        self.register_buffer("ref_output", torch.zeros(0), persistent=False)
+
+    @torch.no_grad()
+    def set_reference(self, x: Tensor) -> None:
+        """Use (B, C, H, W) ``x`` (the clean batch) as the reference; its term is exact fp32."""
+        x = x.detach().float()
+        with exact_fp32():
+            y = self.conv(x)
+        if self.ref_input.shape == x.shape and self.ref_input.device == x.device:
+            self.ref_input.copy_(x)
+            self.ref_output.copy_(y)
+        else:
+            self.ref_input = x.clone()
+            self.ref_output = y
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, C, H, W) input -> the convolution's output (fp32, or the autocast dtype)."""
+        device_type = z.device.type
+        if not torch.is_autocast_enabled(device_type) or self.ref_input.shape != z.shape:
+            return _fp32_layer(self.conv, z)
+        d_out = self.perturbation_term(z)
+        return (self.ref_output + d_out.float()).to(d_out.dtype)
+
+    def perturbation_term(self, z: Tensor) -> Tensor:
+        """conv(z − ref) without bias, in the autocast dtype (call under autocast, after
+        :meth:`set_reference` with a batch of z's shape)."""
+        delta = z.float() - self.ref_input
+        extra = self.padded_channels - delta.shape[1]
+        if extra:
+            delta = torch.cat([delta, delta.new_zeros(delta.shape[0], extra, *delta.shape[2:])], 1)
+        out: Tensor = self.conv._conv_forward(delta, self.weight_padded, None)
+        return out
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """(name, module) of the model's first Conv2d in registration order; ValueError when none."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no Conv2d")
+
+
+def split_first_conv(model: nn.Module, *, pad_channels_to: int = 8) -> nn.Module:
+    """Replace the model's first Conv2d by a :class:`SplitStem`; modifies and returns ``model``."""
+    if any(isinstance(m, SplitStem) for m in model.modules()):
+        return model
+    name, conv = first_conv(model)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, SplitStem(conv, pad_channels_to=pad_channels_to))
+    return model
 
 
 def keep_first_conv_fp32(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from itloop.stimulus import (
     AttackResult,
     AttackRows,
     Fp32Input,
+    SplitStem,
     fold_batchnorm,
     from_levels,
     select_largest_change,
@@ -166,9 +167,62 @@ def test_runs_are_reproducible_and_independent_of_batching() -> None:
     assert float((a.delta_levels != d.delta_levels).float().mean()) < 0.01
 
 
-def test_first_layer_input_stays_fp32_under_bf16_autocast() -> None:
+def test_split_first_layer_keeps_the_perturbation_under_bf16_autocast() -> None:
+    """conv(x) exact + conv(δ) in bf16: the perturbation term is kept to bf16 precision of δ."""
     model = TinyConvNet(n_sites=2)
     engine = AttackEngine(model, AttackConfig(steps=2, batch_size=4))
+    x = on_grid(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(6)))
+    fast = engine.prepare(x)
+    stems = [m for m in fast.modules() if isinstance(m, SplitStem)]
+    assert len(stems) == 1
+    assert stems[0].padded_channels == 8
+    site = torch.zeros(4, dtype=torch.int64)
+    engine.pgd(x, site, torch.ones(4), torch.full((4,), 0.2), [0, 1, 2, 3], 0, steps=0)
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) * 1e-3
+    conv = stems[0].conv
+    seen: dict[str, Tensor] = {}
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    hook = convs[1].register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term = stems[0].perturbation_term(x + delta).float()
+        out = stems[0](x + delta).float()
+        fast(x + delta)
+    hook.remove()
+    exact = conv._conv_forward(delta, conv.weight, None)
+    assert float((term - exact).norm() / exact.norm()) < 0.01
+    cast_whole = conv((x + delta).bfloat16().float()) - conv(x)  # what the split avoids
+    assert float((cast_whole - exact).norm() / exact.norm()) > 0.2
+    # The layer's output itself is exact fp32 conv(x + δ) rounded once to bf16.
+    full = conv(x + delta)
+    assert torch.allclose(out, full, rtol=2**-8, atol=1e-6)
+    assert seen["second"].dtype == torch.bfloat16  # the rest of the network does run in bf16
+
+
+def test_split_first_layer_gradient_matches_fp32() -> None:
+    conv = torch.nn.Conv2d(3, 6, 5, stride=2, padding=2, bias=True)
+    stem = SplitStem(conv)
+    g = torch.Generator().manual_seed(3)
+    x = on_grid(torch.rand(2, 3, 20, 20, generator=g))
+    w = torch.randn(2, 6, 10, 10, generator=g)
+    stem.set_reference(x)
+    z = (x + 1e-3 * torch.randn(x.shape, generator=g)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (stem(z).float() * w).sum().backward()
+    assert z.grad is not None
+    zf = z.detach().clone().requires_grad_(True)
+    (conv(zf) * w).sum().backward()
+    assert zf.grad is not None
+    assert float((z.grad - zf.grad).norm() / zf.grad.norm()) < 0.01
+    # Without autocast, or for another batch shape, it is the plain fp32 convolution.
+    assert torch.equal(stem(z.detach()), conv(z.detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        other = stem(x[:1])
+    assert torch.allclose(other.float(), conv(x[:1]), atol=1e-2)
+
+
+def test_first_layer_input_stays_fp32_without_the_split() -> None:
+    model = TinyConvNet(n_sites=2)
+    engine = AttackEngine(model, AttackConfig(steps=2, batch_size=4, split_first_conv=False))
     x = on_grid(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(6)))
     fast = engine.prepare(x)
     wrapped = [m for m in fast.modules() if isinstance(m, Fp32Input)]

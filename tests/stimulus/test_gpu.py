@@ -10,6 +10,8 @@ from itloop.stimulus import (
     AttackEngine,
     AttackRows,
     Fp32Input,
+    SplitStem,
+    exact_fp32,
     from_levels,
     gaussian_noise_control,
     project_l2_box,
@@ -44,10 +46,11 @@ def test_cuda_attack_respects_eps_and_matches_cpu_quality(compiled: bool) -> Non
     assert gpu_gain > 0.95 * cpu_gain
 
 
-def test_cuda_first_layer_input_is_fp32_under_autocast() -> None:
+def test_cuda_first_layer_input_is_fp32_without_the_split() -> None:
     model = TinyConvNet(n_sites=2).cuda()
     x = on_grid(torch.rand(4, 3, 16, 16, device="cuda"))
-    fast = AttackEngine(model, AttackConfig(batch_size=4)).prepare(x)
+    cfg = AttackConfig(batch_size=4, split_first_conv=False)
+    fast = AttackEngine(model, cfg).prepare(x)
     seen: list[torch.dtype] = []
     first = next(m for m in fast.modules() if isinstance(m, Fp32Input))
     first.layer.register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
@@ -55,6 +58,24 @@ def test_cuda_first_layer_input_is_fp32_under_autocast() -> None:
         out = fast(x)
     assert seen == [torch.float32]
     assert out.dtype in (torch.bfloat16, torch.float32)
+
+
+def test_cuda_split_stem_keeps_the_perturbation() -> None:
+    conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False).cuda().requires_grad_(False)
+    stem = SplitStem(conv)
+    x = on_grid(torch.rand(8, 3, 64, 64, device="cuda")).contiguous(
+        memory_format=torch.channels_last
+    )
+    delta = torch.randn_like(x)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.25  # ε = 1 at 224 px
+    stem.set_reference(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        term = stem.perturbation_term(x + delta).float()
+    with exact_fp32():
+        exact = conv(delta)
+        whole = conv((x + delta).bfloat16().float()) - conv(x)
+    assert float((term - exact).norm() / exact.norm()) < 0.01
+    assert float((whole - exact).norm() / exact.norm()) > 0.05
 
 
 def test_cuda_projection_and_controls_match_cpu() -> None:
