@@ -239,6 +239,8 @@ class AttackConfig:
     conv(δ) in the autocast dtype (precision.SplitStem); False: one fp32 convolution of x + δ.
     stem_channel_multiple: the split convolution's input channels are zero-padded to a multiple of
     this (8 lets bf16 tensor cores take a 3-channel input).
+    stem_space_to_depth: a strided split convolution runs as a stride-1 convolution on s×s blocks
+    of δ (ResNet's 7×7/2 on 3 channels becomes 4×4/1 on 12), which tensor cores take well.
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
     """
@@ -256,6 +258,7 @@ class AttackConfig:
     quantisation_aware: bool = True
     split_first_conv: bool = True
     stem_channel_multiple: int = 8
+    stem_space_to_depth: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
@@ -305,7 +308,11 @@ class AttackEngine:
         )
         fast = fast.eval()
         if cfg.autocast_dtype is not None and cfg.split_first_conv:
-            fast = split_first_conv(fast, pad_channels_to=cfg.stem_channel_multiple)
+            fast = split_first_conv(
+                fast,
+                pad_channels_to=cfg.stem_channel_multiple,
+                space_to_depth=cfg.stem_space_to_depth,
+            )
         else:
             fast = keep_first_conv_fp32(fast)
         for p in fast.parameters():

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -72,16 +73,31 @@ class SplitStem(nn.Module):
     ref_output: Tensor
     weight_padded: Tensor
 
-    def __init__(self, conv: nn.Conv2d, *, pad_channels_to: int = 8) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, *, pad_channels_to: int = 8, space_to_depth: bool = True
+    ) -> None:
         super().__init__()
         if pad_channels_to < 1:
             raise ValueError(f"pad_channels_to must be >= 1, got {pad_channels_to}")
         self.conv = conv
-        c_in = conv.in_channels
+        stride = tuple(conv.stride)
+        self.block = (
+            int(stride[0])
+            if space_to_depth
+            and stride[0] == stride[1] > 1
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            else 1
+        )
+        w = conv.weight.detach()
+        if self.block > 1:
+            w = _space_to_depth_weight(w, self.block)
+        c_in = w.shape[1]
         self.padded_channels = (
             -(-c_in // pad_channels_to) * pad_channels_to if conv.groups == 1 else c_in
         )
-        w = conv.weight.detach()
         extra = self.padded_channels - c_in
         if extra:
             w = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
@@ -114,11 +130,46 @@ class SplitStem(nn.Module):
         """conv(z − ref) without bias, in the autocast dtype (call under autocast, after
         :meth:`set_reference` with a batch of z's shape)."""
         delta = z.float() - self.ref_input
+        conv = self.conv
+        if self.block > 1:
+            padding = conv.padding  # an int pair: string padding gets no space-to-depth
+            assert not isinstance(padding, str)
+            kh, kw = conv.kernel_size
+            delta = _space_to_depth_input(
+                delta, self.block, (kh, kw), (int(padding[0]), int(padding[1]))
+            )
         extra = self.padded_channels - delta.shape[1]
         if extra:
             delta = torch.cat([delta, delta.new_zeros(delta.shape[0], extra, *delta.shape[2:])], 1)
-        out: Tensor = self.conv._conv_forward(delta, self.weight_padded, None)
+        if self.block > 1:
+            out: Tensor = F.conv2d(delta, self.weight_padded)
+        else:
+            out = conv._conv_forward(delta, self.weight_padded, None)
         return out
+
+
+def _space_to_depth_weight(w: Tensor, s: int) -> Tensor:
+    """(O, C, kh, kw) weights of a stride-s conv -> (O, C·s², ⌈kh/s⌉, ⌈kw/s⌉) of a stride-1 conv
+    on the space-to-depth input (channel c·s² + p·s + q holds row phase p, column phase q)."""
+    o, c, kh, kw = w.shape
+    ka, kb = -(-kh // s), -(-kw // s)
+    w = F.pad(w, (0, kb * s - kw, 0, ka * s - kh))
+    w = w.reshape(o, c, ka, s, kb, s).permute(0, 1, 3, 5, 2, 4)
+    return w.reshape(o, c * s * s, ka, kb)
+
+
+def _space_to_depth_input(
+    x: Tensor, s: int, kernel: tuple[int, int], padding: tuple[int, int]
+) -> Tensor:
+    """(B, C, H, W) -> (B, C·s², Hp/s, Wp/s): the zero-padded input regrouped in s×s blocks, so
+    that a stride-1 conv with :func:`_space_to_depth_weight` gives the stride-s conv's output."""
+    b, c, h, w = x.shape
+    (kh, kw), (ph, pw) = kernel, padding
+    ho, wo = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
+    hp, wp = s * (ho - 1 + -(-kh // s)), s * (wo - 1 + -(-kw // s))
+    x = F.pad(x, (pw, wp - w - pw, ph, hp - h - ph))
+    x = x.reshape(b, c, hp // s, s, wp // s, s).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * s * s, hp // s, wp // s)
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -129,14 +180,20 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     raise ValueError(f"{type(model).__name__} has no Conv2d")
 
 
-def split_first_conv(model: nn.Module, *, pad_channels_to: int = 8) -> nn.Module:
+def split_first_conv(
+    model: nn.Module, *, pad_channels_to: int = 8, space_to_depth: bool = True
+) -> nn.Module:
     """Replace the model's first Conv2d by a :class:`SplitStem`; modifies and returns ``model``."""
     if any(isinstance(m, SplitStem) for m in model.modules()):
         return model
     name, conv = first_conv(model)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, SplitStem(conv, pad_channels_to=pad_channels_to))
+    setattr(
+        parent,
+        child,
+        SplitStem(conv, pad_channels_to=pad_channels_to, space_to_depth=space_to_depth),
+    )
     return model
 
 

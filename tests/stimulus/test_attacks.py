@@ -220,6 +220,37 @@ def test_split_first_layer_gradient_matches_fp32() -> None:
     assert torch.allclose(other.float(), conv(x[:1]), atol=1e-2)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "hw"),
+    [
+        (7, 2, 3, (224, 224)),
+        (7, 2, 3, (31, 29)),
+        (3, 2, 1, (17, 18)),
+        (4, 2, 0, (16, 15)),
+        (5, 3, 1, (20, 23)),
+        (3, 1, 1, (9, 9)),
+    ],
+)
+def test_space_to_depth_stem_equals_the_strided_convolution(
+    kernel: int, stride: int, padding: int, hw: tuple[int, int]
+) -> None:
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    stem = SplitStem(conv)
+    assert stem.block == stride
+    assert stem.padded_channels % 8 == 0
+    x = torch.rand(2, 3, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    delta = torch.randn(x.shape, generator=g)
+    stem.set_reference(x)
+    with torch.no_grad():
+        term = stem.perturbation_term(x + delta)
+        exact = conv(delta)
+    assert term.shape == exact.shape
+    assert float((term - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 def test_first_layer_input_stays_fp32_without_the_split() -> None:
     model = TinyConvNet(n_sites=2)
     engine = AttackEngine(model, AttackConfig(steps=2, batch_size=4, split_first_conv=False))
