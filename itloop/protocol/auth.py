@@ -17,9 +17,9 @@ class Role(StrEnum):
 
 
 class TokenKind(StrEnum):
-    user = "user"
-    rig = "rig"
-    worker = "worker"
+    user = "user"  # acts with its owner's role (analyst tokens are read-only)
+    rig = "rig"  # limited to its own rig's sessions: pull batch, upload
+    worker = "worker"  # limited to jobs
 
 
 class UserCreate(WireModel):

@@ -37,7 +37,6 @@ from itloop.protocol.jobs import (
     workflow_name,
 )
 from itloop.server.db.tables import Job
-from itloop.server.db.tables import JobState as JobStateColumn
 from itloop.server.errors import Conflict, InvalidInput, NotFound
 from itloop.server.settings import Settings
 
@@ -190,7 +189,7 @@ class JobService:
                     return self._same_job(existing, kind, body)
                 job = Job(
                     kind=kind.value,
-                    state=JobStateColumn.queued,
+                    state=JobState.queued,
                     workflow_id=workflow_id,
                     session_id=session_id,
                     subject_id=subject_id,
@@ -264,12 +263,12 @@ class JobService:
                 query = query.where(Job.kind == JobKind(kind).value)
             jobs = list(db.scalars(query))
             for job in jobs:
-                if JobState(job.state) not in TERMINAL_STATES:
+                if job.state not in TERMINAL_STATES:
                     self._sync(job)
             return [
                 JobStatus.model_validate(job)
                 for job in jobs
-                if state is None or JobState(job.state) is JobState(state)
+                if state is None or job.state is JobState(state)
             ]
 
     def cancel(self, job_id: int) -> JobStatus:
@@ -279,9 +278,9 @@ class JobService:
             if job is None:
                 raise NotFound(f"job {job_id} does not exist", field="job_id", value=job_id)
             self._sync(job)
-            if JobState(job.state) not in TERMINAL_STATES:
+            if job.state not in TERMINAL_STATES:
                 self._client().cancel_workflow(job.workflow_id)
-                job.state = JobStateColumn.cancelled
+                job.state = JobState.cancelled
                 job.eta_s = None
                 job.finished_at = dt.datetime.now(dt.UTC)
             return JobStatus.model_validate(job)
@@ -299,14 +298,14 @@ class JobService:
         state = _DBOS_TO_STATE.get(wf.status)
         if state is None:
             return
-        current = JobState(job.state)
+        current = job.state
         if current in TERMINAL_STATES:
             return
         if state is JobState.running and current is JobState.queued:
-            job.state = JobStateColumn.running
+            job.state = JobState.running
             job.started_at = job.started_at or _utc_from_ms(wf.dequeued_at or wf.updated_at)
         elif state in TERMINAL_STATES:
-            job.state = JobStateColumn(state.value)
+            job.state = state
             job.finished_at = job.finished_at or _utc_from_ms(wf.completed_at or wf.updated_at)
             job.eta_s = None
             if state is JobState.succeeded:

@@ -33,6 +33,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+# The stored vocabularies are the wire protocol's (one definition each), re-exported here.
+from itloop.protocol.auth import Role as Role
+from itloop.protocol.auth import TokenKind as TokenKind
+from itloop.protocol.batches import StimulusKind as StimulusKind
+from itloop.protocol.jobs import JobState as JobState
+from itloop.protocol.sessions import SessionState as SessionState
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -84,44 +91,6 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
         values_callable=lambda members: [m.value for m in members],
         validate_strings=True,
     )
-
-
-class Role(enum.StrEnum):
-    admin = "admin"
-    staff = "staff"
-    analyst = "analyst"
-
-
-class TokenKind(enum.StrEnum):
-    user = "user"  # acts with its owner's role (analyst tokens are read-only)
-    rig = "rig"  # limited to its own rig's sessions: pull batch, upload
-    worker = "worker"  # limited to jobs
-
-
-class SessionState(enum.StrEnum):
-    scheduled = "scheduled"
-    generating = "generating"
-    ready = "ready"
-    running = "running"
-    uploaded = "uploaded"
-    analysed = "analysed"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-class StimulusKind(enum.StrEnum):
-    clean = "clean"
-    attack = "attack"
-    noise = "noise"
-    interpolation = "interpolation"
-
-
-class JobState(enum.StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 class IdempotencyState(enum.StrEnum):
