@@ -25,11 +25,13 @@ from itloop.server.db.tables import (
     Stimulus,
     StimulusKind,
 )
+from itloop.server.exports.trials import load_session
+from itloop.server.sitequality import RESULT_KEY, SENSITIVITY_ANALYSIS_KIND, quality_record
 from itloop.server.uploads import unpack_counts
 
 __all__ = ["SessionTrials", "analyse_session", "session_trials"]
 
-ANALYSIS_KIND = "sensitivity"
+ANALYSIS_KIND = SENSITIVITY_ANALYSIS_KIND
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,11 @@ def analyse_session(db: Session, session_id: int, *, seed: int = 0) -> Analysis:
             [trials.stimulus_ids.tobytes(), trials.counts.tobytes(), repr(sorted(groups)).encode()]
         ),
         code_version=__version__,
-        result={"n_trials": int(trials.stimulus_ids.size), "n_groups": len(groups)},
+        result={
+            "n_trials": int(trials.stimulus_ids.size),
+            "n_groups": len(groups),
+            RESULT_KEY: quality_record(load_session(db, session_id)),
+        },
     )
     db.add(analysis)
     db.flush()

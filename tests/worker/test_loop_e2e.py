@@ -21,13 +21,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
 
 from itloop.models import ITModel
 from itloop.server import accounts, migrate
 from itloop.server.app import create_app
 from itloop.server.db import make_engine, make_sessionmaker
-from itloop.server.db.tables import Role, TokenKind
+from itloop.server.db.tables import Analysis, Role, TokenKind
+from itloop.server.exports.trials import load_session
 from itloop.server.settings import Settings
+from itloop.server.sitequality import RESULT_KEY, site_quality
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
@@ -285,3 +288,15 @@ def test_one_day_of_the_loop(loop: dict[str, Any]) -> None:
         assert r["sigma_clean"] > 0
     final = _ok(client.get(f"/api/v1/sessions/{sid}", headers=staff))
     assert final["state"] == "analysed"
+    # The analysis keeps each site's recording quality, which the site pages read.
+    with make_sessionmaker(loop["engine"])() as db:
+        analysis = db.scalars(select(Analysis).where(Analysis.session_id == sid)).one()
+        record = analysis.result[RESULT_KEY]
+        expected = site_quality(load_session(db, sid), {}, None)
+    assert record["usable"] == len(presentations)
+    assert set(record["sites"]) == {str(s) for s in sites}
+    for q in expected:
+        stored = record["sites"][str(q.site_id)]
+        assert stored["reliability"] == pytest.approx(q.reliability)
+        assert stored["sigma_clean"] == pytest.approx(q.sigma_clean)
+        assert stored["n_clean"] == q.n_clean > 0

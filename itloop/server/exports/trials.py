@@ -7,7 +7,7 @@ all count the same presentations the same way.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -91,6 +91,19 @@ class SessionArrays:
     @property
     def n_presentations(self) -> int:
         return int(self.seq.size)
+
+    def only_sites(self, site_ids: list[int]) -> SessionArrays:
+        """The same presentations with the counts of ``site_ids`` only (each a session site)."""
+        column = {site: j for j, site in enumerate(self.site_ids)}
+        missing = [s for s in site_ids if s not in column]
+        if missing:
+            raise NotFound(
+                f"site(s) {missing} are not sites of session {self.session_id}",
+                field="site_id",
+                value=missing[0],
+            )
+        cols = [column[s] for s in site_ids]
+        return replace(self, site_ids=list(site_ids), counts=self.counts[:, cols])
 
 
 def load_session(db: Session, session_id: int) -> SessionArrays:

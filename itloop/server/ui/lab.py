@@ -26,7 +26,12 @@ from itloop.server.db.tables import (
     Subject,
 )
 from itloop.server.exports.trials import load_session
-from itloop.server.ui.quality import site_quality
+from itloop.server.sitequality import (
+    RESULT_KEY,
+    SENSITIVITY_ANALYSIS_KIND,
+    from_record,
+    quality_record,
+)
 from itloop.server.ui.rendering import ViewerDep, forbidden, not_found, render
 
 router = APIRouter()
@@ -101,22 +106,31 @@ def site_history(db: Session, site: RecordingSite) -> list[dict[str, Any]]:
     ).all():
         if session_id is not None:
             bounds[session_id][result.eps_l2] = result.lower_bound_normalised
+    stored: dict[int, dict[str, Any]] = {}
+    if sessions:
+        for session_id, result in db.execute(
+            select(Analysis.session_id, Analysis.result)
+            .where(
+                Analysis.session_id.in_([s.id for s in sessions]),
+                Analysis.kind == SENSITIVITY_ANALYSIS_KIND,
+            )
+            .order_by(Analysis.id)
+        ).all():
+            record = (result or {}).get(RESULT_KEY)
+            if session_id is not None and isinstance(record, dict):
+                stored[session_id] = record  # the newest analysis wins
+    label = site.label or str(site.id)
     rows = []
     for session in sessions:
-        quality = None
-        arrays = load_session(db, session.id)
-        if arrays.has_response.any():
-            window = (
-                arrays.window_end_ms - arrays.window_start_ms
-                if arrays.window_start_ms is not None and arrays.window_end_ms is not None
-                else None
-            )
-            quality = next(q for q in site_quality(arrays, {}, window) if q.site_id == site.id)
+        record = stored.get(session.id)
+        if record is None:  # not analysed yet: compute this one site from the counts
+            arrays = load_session(db, session.id)
+            record = quality_record(arrays.only_sites([site.id]))
         rows.append(
             {
                 "session": session,
-                "quality": quality,
-                "usable": int(arrays.usable.sum()),
+                "quality": from_record(record, site.id, label),
+                "usable": int(record.get("usable", 0)),
                 "bounds": bounds.get(session.id, {}),
             }
         )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from itloop.server.db.tables import StimulusKind
-from itloop.server.exports.trials import SessionArrays, split_half_reliability, stimulus_means
+from itloop.server.exports.trials import SessionArrays
+from itloop.server.sitequality import SiteQuality, site_quality
+
+__all__ = ["Coverage", "SiteQuality", "coverage", "site_quality"]
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,6 @@ class Coverage:
     @property
     def uploaded_fraction(self) -> float:
         return self.uploaded / self.planned if self.planned else 0.0
-
-
-@dataclass(frozen=True)
-class SiteQuality:
-    site_id: int
-    label: str
-    rate_hz: float
-    reliability: float
-    sigma_clean: float
-    n_clean: int
 
 
 def coverage(arrays: SessionArrays, *, planned: int, repeats_wanted: int) -> Coverage:
@@ -65,31 +56,3 @@ def coverage(arrays: SessionArrays, *, planned: int, repeats_wanted: int) -> Cov
         images_short=int((repeats < repeats_wanted).sum()) if up.any() else 0,
         repeats_wanted=repeats_wanted,
     )
-
-
-def site_quality(
-    arrays: SessionArrays, labels: dict[int, str], window_ms: float | None
-) -> list[SiteQuality]:
-    """Per site: mean rate in the window, split-half reliability, clean-image σ (counts)."""
-    usable = arrays.usable
-    reliability = split_half_reliability(arrays)
-    means = stimulus_means(arrays)
-    clean = [s for s, i in arrays.stimuli.items() if i.kind is StimulusKind.clean and s in means]
-    window_s = (window_ms or math.nan) / 1000.0
-    out = []
-    for j, site in enumerate(arrays.site_ids):
-        counts = arrays.counts[usable, j]
-        rate = float(counts.mean()) / window_s if counts.size and window_s > 0 else math.nan
-        values = [means[c][j] for c in clean]
-        sigma = float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
-        out.append(
-            SiteQuality(
-                site_id=site,
-                label=labels.get(site, str(site)),
-                rate_hz=rate,
-                reliability=float(reliability[j]),
-                sigma_clean=sigma,
-                n_clean=len(values),
-            )
-        )
-    return out
