@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itloop.stimulus import L2Ball, project_l2_box, random_start_l2_box
+from itloop.stimulus import AttackConfig, L2Ball, project_l2_box, random_start_l2_box
+from itloop.stimulus.constraints import project_l2_box_rows
 
 SHAPE = (3, 4, 4)
 
@@ -91,6 +92,26 @@ def test_fixed_iterations_are_always_feasible_and_no_worse_than_scale_then_clip(
     dist_got = (got - v).flatten(1).norm(dim=1)
     dist_naive = (naive - v).flatten(1).norm(dim=1)
     assert bool((dist_got <= dist_naive + 1e-5).all())
+
+
+@pytest.mark.parametrize("frac_saturated", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("eps", [1.0, 4.0, 16.0])
+def test_the_default_update_count_reaches_the_exact_projection(
+    frac_saturated: float, eps: float
+) -> None:
+    """What the attack loop uses per step (AttackConfig.projection_iterations) is converged here:
+    images at 224 px with up to 99 % of pixels at the box edge, steps pushing outwards."""
+    g = torch.Generator().manual_seed(int(eps * 100 + frac_saturated * 10))
+    shape = (4, 3, 224, 224)
+    x = torch.rand(shape, generator=g)
+    x = torch.where(torch.rand(shape, generator=g) < frac_saturated, 1.0, x)
+    scale = eps / (3 * 224 * 224) ** 0.5
+    v = torch.randn(shape, generator=g).abs() * 3 * scale + torch.randn(shape, generator=g) * scale
+    e = torch.full((4,), eps)
+    exact = project_l2_box_rows(x, v, e, iterations=None)
+    fixed = project_l2_box_rows(x, v, e, iterations=AttackConfig().projection_iterations)
+    err = (fixed - exact).flatten(1).norm(dim=1) / eps
+    assert float(err.max()) < 1e-6
 
 
 def test_saturated_image_keeps_full_budget_where_scale_then_clip_shrinks_it() -> None:
