@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response
 
-from itloop.protocol.batches import StimulusKind as WireKind
 from itloop.protocol.common import MAX_ID
-from itloop.server.api.params import PathId, QueryId
+from itloop.server.api.params import PathId, SensitivityQuery
 from itloop.server.auth import DbSession, Reader
-from itloop.server.db.tables import StimulusKind
 from itloop.server.exports.nwb import nwb_response
 from itloop.server.exports.tables import encode, media_type, responses_table, sensitivity_table
 from itloop.server.sessions import get_session
@@ -60,27 +57,6 @@ def responses_export(
 
 
 @router.get("/exports/sensitivity.{fmt}", response_class=Response, responses=_TABLE_RESPONSES)
-def sensitivity_export(
-    fmt: Fmt,
-    db: DbSession,
-    _who: Reader,
-    subject_id: QueryId = None,
-    session_id: QueryId = None,
-    site_id: QueryId = None,
-    eps_l2: float | None = None,
-    kind: WireKind | None = None,
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
-) -> Response:
+def sensitivity_export(fmt: Fmt, db: DbSession, _who: Reader, where: SensitivityQuery) -> Response:
     """Sensitivity results with their analysis's provenance; filters combine with AND."""
-    table = sensitivity_table(
-        db,
-        subject_id=subject_id,
-        session_id=session_id,
-        site_id=site_id,
-        eps_l2=eps_l2,
-        kind=StimulusKind(kind.value) if kind is not None else None,
-        day_from=day_from,
-        day_to=day_to,
-    )
-    return _attachment(encode(table, fmt), fmt, "sensitivity")
+    return _attachment(encode(sensitivity_table(db, where), fmt), fmt, "sensitivity")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from itloop.protocol.batches import StimulusKind as WireKind
 from itloop.protocol.sessions import Page, ResponseOut, SensitivityResultOut
-from itloop.server.api.params import QueryId
+from itloop.server.api.params import QueryId, SensitivityQuery
 from itloop.server.auth import DbSession, Reader
 from itloop.server.db.tables import (
     Analysis,
@@ -19,43 +17,21 @@ from itloop.server.db.tables import (
     Response,
     SensitivityResult,
     SessionSite,
-    StimulusKind,
 )
-from itloop.server.results import filter_sensitivity
 from itloop.server.uploads import unpack_counts
 
 router = APIRouter(tags=["results"])
 
 
 @router.get("/sensitivity", response_model=list[SensitivityResultOut])
-def sensitivity(
-    db: DbSession,
-    _who: Reader,
-    subject_id: QueryId = None,
-    site_id: QueryId = None,
-    session_id: QueryId = None,
-    eps_l2: float | None = None,
-    kind: WireKind | None = None,
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
-) -> list[SensitivityResult]:
+def sensitivity(db: DbSession, _who: Reader, where: SensitivityQuery) -> list[SensitivityResult]:
     """Normalised lower bounds with their intervals; filters combine with AND."""
     query = (
         select(SensitivityResult)
         .join(Analysis)
         .order_by(SensitivityResult.day, SensitivityResult.site_id, SensitivityResult.eps_l2)
     )
-    query = filter_sensitivity(
-        query,
-        subject_id=subject_id,
-        session_id=session_id,
-        site_id=site_id,
-        eps_l2=eps_l2,
-        kind=None if kind is None else StimulusKind(kind.value),
-        day_from=day_from,
-        day_to=day_to,
-    )
-    return list(db.scalars(query))
+    return list(db.scalars(where.apply(query)))
 
 
 @router.get("/responses", response_model=Page[ResponseOut])

@@ -22,11 +22,10 @@ from itloop.server.db.tables import (
     Analysis,
     RecordingSession,
     SensitivityResult,
-    StimulusKind,
 )
 from itloop.server.errors import InvalidInput
 from itloop.server.exports.trials import load_session
-from itloop.server.results import filter_sensitivity
+from itloop.server.results import SensitivityFilter
 
 __all__ = [
     "RESPONSE_SCHEMA",
@@ -186,18 +185,8 @@ def responses_table(db: Session, session_ids: Sequence[int]) -> Table:
     return Table("responses", RESPONSE_SCHEMA, columns)
 
 
-def sensitivity_table(
-    db: Session,
-    *,
-    subject_id: int | None = None,
-    session_id: int | None = None,
-    site_id: int | None = None,
-    eps_l2: float | None = None,
-    kind: StimulusKind | None = None,
-    day_from: dt.date | None = None,
-    day_to: dt.date | None = None,
-) -> Table:
-    """Sensitivity results with their analysis's provenance; filters combine with AND."""
+def sensitivity_table(db: Session, where: SensitivityFilter | None = None) -> Table:
+    """Sensitivity results with their analysis's provenance, restricted by ``where``."""
     query = (
         select(SensitivityResult, Analysis)
         .join(Analysis, Analysis.id == SensitivityResult.analysis_id)
@@ -209,16 +198,7 @@ def sensitivity_table(
             SensitivityResult.id,
         )
     )
-    query = filter_sensitivity(
-        query,
-        subject_id=subject_id,
-        session_id=session_id,
-        site_id=site_id,
-        eps_l2=eps_l2,
-        kind=kind,
-        day_from=day_from,
-        day_to=day_to,
-    )
+    query = (where or SensitivityFilter()).apply(query)
     columns: dict[str, list[Any]] = {f.name: [] for f in SENSITIVITY_SCHEMA}
     for result, analysis in db.execute(query).all():
         values = {

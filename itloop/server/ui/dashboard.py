@@ -26,6 +26,7 @@ from itloop.server.db.tables import (
 from itloop.server.errors import ItloopError
 from itloop.server.exports.tables import TableFormat, encode, media_type, responses_table
 from itloop.server.exports.tables import sensitivity_table as build_sensitivity_table
+from itloop.server.results import SensitivityFilter
 from itloop.server.ui.rendering import ViewerDep, not_found, render
 
 router = APIRouter()
@@ -212,7 +213,7 @@ def export_table(
         filename = f"responses-session-{session_id}.{fmt}"
     else:
         subject_id = _as_id(q.get("subject_id"))
-        table = build_sensitivity_table(db, subject_id=subject_id)
+        table = build_sensitivity_table(db, SensitivityFilter(subject_id=subject_id))
         filename = f"sensitivity{f'-subject-{subject_id}' if subject_id else ''}.{fmt}"
     body = encode(table, cast(TableFormat, fmt))
     return Response(
