@@ -51,6 +51,7 @@ __all__ = [
     "load_into_backbone",
     "match_state_dict",
     "read_checkpoint",
+    "read_saved",
     "sha256_file",
 ]
 
@@ -58,6 +59,24 @@ CheckpointFormat = Literal["robustness", "state_dict", "safetensors"]
 WEIGHTS_FILE = "backbone.safetensors"
 CARD_FILE = "backbone.json"
 _SHOWN = 5
+
+
+def read_saved(
+    folder: Path, card_file: str, weights_file: str, *, what: str
+) -> tuple[dict[str, Any], Path]:
+    """(card, weights path) of a folder written with a JSON card beside its weights, after
+    checking both exist and the weights' sha256 is the one the card records."""
+    card_path, weights = folder / card_file, folder / weights_file
+    for required in (card_path, weights):
+        if not required.is_file():
+            raise CheckpointError(f"{what} {folder} lacks {required.name}")
+    card: dict[str, Any] = json.loads(card_path.read_text())
+    sha = sha256_file(weights)
+    if sha != card.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights} has sha256 {sha}, but its card records {card.get('weights_sha256')}"
+        )
+    return card, weights
 
 
 def sha256_file(path: Path) -> str:
@@ -339,17 +358,9 @@ def load_converted(directory: str | Path) -> Backbone:
     """The backbone saved by :func:`convert_checkpoint`, its weights checked against the card."""
     from itloop.models.backbones import BackboneCard, build_backbone
 
-    folder = Path(directory)
-    card_path, weights = folder / CARD_FILE, folder / WEIGHTS_FILE
-    for required in (card_path, weights):
-        if not required.is_file():
-            raise CheckpointError(f"converted checkpoint {folder} lacks {required.name}")
-    data = json.loads(card_path.read_text())
-    sha = sha256_file(weights)
-    if sha != data.get("weights_sha256"):
-        raise CheckpointError(
-            f"{weights} has sha256 {sha}, but its card records {data.get('weights_sha256')}"
-        )
+    data, weights = read_saved(
+        Path(directory), CARD_FILE, WEIGHTS_FILE, what="converted checkpoint"
+    )
     card = BackboneCard.from_dict(data)
     net = build_backbone(card.architecture, layer=card.layer)
     state = load_file(str(weights), device="cpu")

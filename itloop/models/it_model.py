@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from itloop.models.backbones import Backbone, BackboneCard, build_backbone
-from itloop.models.checkpoints import sha256_file
+from itloop.models.checkpoints import read_saved, sha256_file
 from itloop.models.errors import CheckpointError
 from itloop.models.readouts import FactorizedReadout, Readout, ReadoutInit
 
@@ -132,19 +132,10 @@ class ITModel(nn.Module):
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> ITModel:
         """The model saved by :meth:`save`; CheckpointError if the weights' sha256 differs."""
         folder = Path(directory)
-        card_path, weights = folder / CARD_FILE, folder / WEIGHTS_FILE
-        for required in (card_path, weights):
-            if not required.is_file():
-                raise CheckpointError(f"saved model {folder} lacks {required.name}")
-        card = json.loads(card_path.read_text())
+        card, weights = read_saved(folder, CARD_FILE, WEIGHTS_FILE, what="saved model")
         if card.get("format") != CARD_FORMAT:
             raise CheckpointError(
-                f"{card_path} has format {card.get('format')!r}, not {CARD_FORMAT}"
-            )
-        sha = sha256_file(weights)
-        if sha != card.get("weights_sha256"):
-            raise CheckpointError(
-                f"{weights} has sha256 {sha}, but its card records {card.get('weights_sha256')}"
+                f"{folder / CARD_FILE} has format {card.get('format')!r}, not {CARD_FORMAT}"
             )
         model = cls.from_card(card)
         model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
