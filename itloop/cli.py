@@ -19,6 +19,7 @@ from rich.table import Table
 
 from itloop import __version__
 from itloop.rig_client.cli import app as rig_app
+from itloop.worker.process import PARENT_PID_VARIABLE, stop_worker_process
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -140,10 +141,7 @@ def serve(
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:
         if worker is not None:
-            _stop_worker_process(worker)
-
-
-PARENT_PID_VARIABLE = "ITLOOP_WORKER_PARENT_PID"
+            stop_worker_process(worker)
 
 
 def _stop_with_parent() -> threading.Event | None:
@@ -169,26 +167,18 @@ def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
 
     It stops by itself if the server dies without stopping it.
     """
-    env = dict(os.environ)
-    env[PARENT_PID_VARIABLE] = str(os.getpid())
-    env.update(
-        ITLOOP_DATA_DIR=str(settings.data_dir.resolve()),
-        ITLOOP_DATABASE_URL=settings.effective_database_url,
-        ITLOOP_ENVIRONMENT=settings.environment,
+    from itloop.worker.process import start_worker_process
+
+    proc = start_worker_process(
+        {
+            **os.environ,
+            "ITLOOP_DATA_DIR": str(settings.data_dir.resolve()),
+            "ITLOOP_DATABASE_URL": settings.effective_database_url,
+            "ITLOOP_ENVIRONMENT": settings.environment,
+        }
     )
-    proc = subprocess.Popen([sys.executable, "-m", "itloop", "worker"], env=env)
     console.print(f"worker started (process {proc.pid})")
     return proc
-
-
-def _stop_worker_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @app.command()

@@ -20,7 +20,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -67,6 +66,7 @@ from itloop.server.jobs import migrate_job_store
 from itloop.server.settings import Settings
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows, select_largest_change
 from itloop.stimulus.images import decode_png, load_image
+from itloop.worker.process import start_worker_process, stop_worker_process
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -288,16 +288,10 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
         ITLOOP_MODEL_CHECKPOINT=str(checkpoint.resolve()),
         ITLOOP_MODEL_INPUT_PX=str(config.px),
         ITLOOP_DEVICE="cpu",
-        ITLOOP_WORKER_PARENT_PID=str(os.getpid()),
     )
     log_path = root / "worker.log"
     with log_path.open("w") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "itloop", "worker"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+        worker = start_worker_process(env, output=log_file)
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     password = secrets.token_urlsafe(12)
@@ -457,12 +451,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict[str, An
             rig_client.close()
             spool.close()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_worker_process(worker)
     checks = _integrity(sessions, [d["session_id"] for d in days])
     engine.dispose()
     report = _report(config, site_ids, days, truth_table, checks, time.monotonic() - started)
