@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from itloop.stimulus.constraints import project_l2_box_rows
 from itloop.stimulus.errors import AttackError
 from itloop.stimulus.folding import fold_batchnorm
+from itloop.stimulus.fusion import fuse_conv_relu
 from itloop.stimulus.precision import (
     SplitStem,
     exact_fp32,
@@ -48,6 +49,7 @@ from itloop.stimulus.quantisation import (
 from itloop.stimulus.sharding import gather_to_first, shard_bounds, world
 
 __all__ = [
+    "GEMM_TEMPLATE_OPTIONS",
     "AttackConfig",
     "AttackEngine",
     "AttackResult",
@@ -241,6 +243,11 @@ class AttackConfig:
     this (8 lets bf16 tensor cores take a 3-channel input).
     stem_space_to_depth: a strided split convolution runs as a stride-1 convolution on s×s blocks
     of δ (ResNet's 7×7/2 on 3 channels becomes 4×4/1 on 12), which tensor cores take well.
+    fuse_conv_relu: each Conv2d → (+ residual) → ReLU of the loop's copy runs as one cuDNN kernel
+    (:mod:`itloop.stimulus.fusion`); on the CPU the fused op is the plain composition.
+    gemm_templates: with compile, 1×1 convolutions run as matmuls that the compiler generates as
+    Triton GEMMs with bias, residual and ReLU (and, backward, the ReLU masks) fused into them
+    (:data:`GEMM_TEMPLATE_OPTIONS`); it autotunes each GEMM shape once, which takes minutes.
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
     """
@@ -250,7 +257,7 @@ class AttackConfig:
     batch_size: int = 256
     autocast_dtype: torch.dtype | None = torch.bfloat16
     keep_best: bool = True
-    projection_iterations: int = 8
+    projection_iterations: int = 4
     fold_batchnorm: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -259,6 +266,8 @@ class AttackConfig:
     split_first_conv: bool = True
     stem_channel_multiple: int = 8
     stem_space_to_depth: bool = True
+    fuse_conv_relu: bool = True
+    gemm_templates: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
@@ -273,6 +282,15 @@ class AttackConfig:
         if not self.step_ratio > 0:
             raise ValueError(f"step_ratio must be > 0, got {self.step_ratio}")
 
+
+GEMM_TEMPLATE_OPTIONS: dict[str, str | bool] = {
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "TRITON",
+    "max_autotune_gemm_search_space": "DEFAULT",
+    "epilogue_fusion": True,
+}
+"""Inductor options of :attr:`AttackConfig.gemm_templates`: Triton GEMM templates, which take
+pointwise epilogues, autotuned over inductor's default configurations."""
 
 GradFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -291,6 +309,7 @@ class AttackEngine:
     config: AttackConfig = field(default_factory=AttackConfig)
     _fast: nn.Module | None = field(default=None, init=False, repr=False)
     _update: Callable[..., Tensor] | None = field(default=None, init=False, repr=False)
+    _step: Callable[..., tuple[Tensor, ...]] | None = field(default=None, init=False, repr=False)
     _stems: list[SplitStem] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -315,15 +334,22 @@ class AttackEngine:
             )
         else:
             fast = keep_first_conv_fp32(fast)
+        if cfg.fuse_conv_relu:
+            fast = fuse_conv_relu(fast, example, matmul_1x1=cfg.gemm_templates)
         for p in fast.parameters():
             p.requires_grad_(False)
         if cfg.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
         update: Callable[..., Tensor] = _pgd_update
+        step: Callable[..., tuple[Tensor, ...]] = _pgd_step
         if cfg.compile:
-            fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
+            if cfg.gemm_templates:
+                fast = torch.compile(fast, options=dict(GEMM_TEMPLATE_OPTIONS), dynamic=False)  # type: ignore[assignment]
+            else:
+                fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
             update = torch.compile(_pgd_update, dynamic=False)
-        self._fast, self._update = fast, update
+            step = torch.compile(_pgd_step, dynamic=False)
+        self._fast, self._update, self._step = fast, update, step
         self._stems = [m for m in fast.modules() if isinstance(m, SplitStem)]
         return fast
 
@@ -510,16 +536,28 @@ class AttackEngine:
         best_obj = torch.full_like(eps, -torch.inf)
         best_delta = delta
         best_val = torch.zeros_like(eps)
-        for step in range(n_steps + 1):
-            grad, val = self._grad(x + delta, site, sign)
-            obj = sign * val
-            if cfg.keep_best or step == n_steps:
-                better = obj > best_obj
-                best_obj = torch.where(better, obj, best_obj)
-                best_val = torch.where(better, val, best_val)
-                best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
-            if step < n_steps:
-                delta = self._update(x, delta, grad, eps, alpha, iters)
+        z = x + delta
+        assert self._step is not None
+        for _ in range(n_steps):
+            grad, val = self._grad(z, site, sign)
+            delta, z, best_obj, best_val, best_delta = self._step(
+                x,
+                delta,
+                grad,
+                val,
+                sign,
+                eps,
+                alpha,
+                best_obj,
+                best_val,
+                best_delta,
+                iters,
+                cfg.keep_best,
+            )
+        _, val = self._grad(z, site, sign)  # the last iterate is scored too
+        better = sign * val > best_obj
+        best_val = torch.where(better, val, best_val)
+        best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
         return best_delta, best_val
 
     @staticmethod
@@ -538,6 +576,36 @@ class AttackEngine:
         lo, hi = float(z.min()), float(z.max())
         if lo < -_BOX_TOL or hi > 1 + _BOX_TOL:
             raise AttackError(f"perturbed image leaves [0, 1]: range [{lo:.6g}, {hi:.6g}]")
+
+
+def _pgd_step(
+    x: Tensor,
+    delta: Tensor,
+    grad: Tensor,
+    val: Tensor,
+    sign: Tensor,
+    eps: Tensor,
+    alpha: Tensor,
+    best_obj: Tensor,
+    best_val: Tensor,
+    best_delta: Tensor,
+    iterations: int,
+    keep_best: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Record the iterate δ (scored ``val`` with gradient ``grad``) if it is the best so far, then
+    take one projected step; one fused pass when compiled.
+
+    Returns (new δ, x + new δ, best objective, best f, best δ). Without keep_best nothing is
+    recorded here (only the last iterate is kept, by the caller).
+    """
+    if keep_best:
+        obj = sign * val
+        better = obj > best_obj
+        best_obj = torch.where(better, obj, best_obj)
+        best_val = torch.where(better, val, best_val)
+        best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
+    new = _pgd_update(x, delta, grad, eps, alpha, iterations)
+    return new, x + new, best_obj, best_val, best_delta
 
 
 def _pgd_update(

@@ -90,6 +90,31 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="first conv as exact conv(x) + bf16 conv(δ) (default) or one fp32 conv of x + δ",
     )
+    p.add_argument(
+        "--fuse-conv-relu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="conv + bias (+ residual) + ReLU as one cuDNN kernel (default) or separate kernels",
+    )
+    p.add_argument(
+        "--gemm-templates",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="1×1 convs as Triton GEMMs with fused epilogues (autotuned: minutes to compile)",
+    )
+    p.add_argument(
+        "--projection-iterations",
+        type=int,
+        default=None,
+        help="active-set updates of the ball∩box projection per step (default: the engine's)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N most expensive device kernels of 3 profiled steps",
+    )
     p.add_argument("--torchattacks", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lab-day", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -249,6 +274,29 @@ def _png_seconds_per_image(levels: Tensor, workers: int) -> float:
         return (time.perf_counter() - t0) / max(levels.shape[0], 1)
 
 
+def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``args.profile`` device kernels with the most total time over one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
+        if dev_us > 0 and ev.device_type.name == "CUDA":
+            rows.append({"kernel": ev.key[:140], "calls": ev.count, "ms": round(dev_us / 1e3, 3)})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    for r in rows[: args.profile]:
+        print(
+            f"{r['ms']:9.2f} ms {100 * r['ms'] / total:5.1f}% {r['calls']:5d}x  {r['kernel']}",
+            file=sys.stderr,
+        )
+    print(f"{total:9.2f} ms total device time over the profiled call", file=sys.stderr)
+    return rows[: args.profile]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark with command-line ``argv`` and print its JSON; returns the exit status."""
     args = _parser().parse_args(None if argv is None else list(argv))
@@ -298,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile=use_compile,
         compile_mode=args.compile_mode,
         split_first_conv=args.split_first_conv,
+        fuse_conv_relu=args.fuse_conv_relu,
+        gemm_templates=args.gemm_templates,
+        **(
+            {}
+            if args.projection_iterations is None
+            else {"projection_iterations": args.projection_iterations}
+        ),
     )
     engine = AttackEngine(model, config)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -339,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "cudnn_conv_fp32_precision": conv_fp32_precision(),
         "fold_batchnorm": args.fold_bn,
+        "fuse_conv_relu": config.fuse_conv_relu,
+        "gemm_templates": config.gemm_templates,
         "channels_last": args.channels_last,
         "compile": use_compile,
         "compile_mode": args.compile_mode,
@@ -348,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }
+    if args.profile > 0:
+        out_profile = _profile(lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, steps=3), args)
+        ours["profile_top_kernels"] = out_profile
     f_clean = engine.predict(x, site)
     ours_change = engine.predict(x + delta, site) - f_clean
     out: dict[str, Any] = {

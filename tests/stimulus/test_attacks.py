@@ -21,6 +21,7 @@ from itloop.stimulus import (
     to_levels,
 )
 from itloop.stimulus import attacks as attacks_module
+from itloop.stimulus.fusion import FusedConvReLU
 
 from .toys import LinearSites, ReluSites, TinyConvNet, on_grid
 
@@ -181,8 +182,8 @@ def test_split_first_layer_keeps_the_perturbation_under_bf16_autocast() -> None:
     delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) * 1e-3
     conv = stems[0].conv
     seen: dict[str, Tensor] = {}
-    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
-    hook = convs[1].register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
+    second = next(m for m in fast.modules() if isinstance(m, FusedConvReLU))  # conv1 + relu
+    hook = second.register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         term = stems[0].perturbation_term(x + delta).float()
         out = stems[0](x + delta).float()
@@ -259,9 +260,9 @@ def test_first_layer_input_stays_fp32_without_the_split() -> None:
     wrapped = [m for m in fast.modules() if isinstance(m, Fp32Input)]
     assert len(wrapped) == 1
     seen: dict[str, Tensor] = {}
-    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
-    h0 = convs[0].register_forward_pre_hook(lambda _m, a: seen.__setitem__("first", a[0]))
-    h1 = convs[1].register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
+    h0 = wrapped[0].layer.register_forward_pre_hook(lambda _m, a: seen.__setitem__("first", a[0]))
+    second = next(m for m in fast.modules() if isinstance(m, FusedConvReLU))
+    h1 = second.register_forward_pre_hook(lambda _m, a: seen.__setitem__("second", a[0]))
     delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) * 1e-3
     site = torch.zeros(4, dtype=torch.int64)
     engine.pgd(x, site, torch.ones(4), torch.full((4,), 0.2), [0, 1, 2, 3], 0, steps=0)

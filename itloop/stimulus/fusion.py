@@ -1,0 +1,476 @@
+"""Convolution, bias, residual and ReLU as one cuDNN kernel in the attack loop's network.
+
+After BatchNorm folding a ResNet is a chain of ``relu(conv(x) + b)`` and ``relu(conv(x) + b + z)``
+(the residual). Run as separate kernels, each of these writes the convolution's output, reads it
+back, and writes the activation again: for ResNet-50 cut at ``layer4.0`` about 10 M activations per
+image, so at batch 512 some 20 GB of memory traffic per forward pass that does no arithmetic. cuDNN
+fuses the epilogue into the convolution (``cudnn_convolution_relu``,
+``cudnn_convolution_add_relu``), so each activation is written once.
+
+:func:`conv_bias_relu` is that fused operation as a PyTorch custom op with its own backward: the
+attack needs only input gradients, so the backward is the ReLU mask applied to the incoming
+gradient (from the saved output, nothing else kept) and one data-gradient convolution; weight and
+bias gradients are computed only when asked for. On the CPU, or for a dtype cuDNN's fused kernels
+do not take, the op is the plain composition, so the same rewritten model runs everywhere.
+
+:func:`fuse_conv_relu` rewrites a model with ``torch.fx``: every ``Conv2d`` whose only use is a
+ReLU (directly, through ``Identity`` left by folding, or through one addition of another tensor)
+becomes one :class:`FusedConvReLU` call. Modules that fx cannot trace are searched child by child;
+the first convolution stays as it is when it is a :class:`~itloop.stimulus.precision.SplitStem`.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itloop.stimulus.precision import Fp32Input, SplitStem, exact_fp32
+
+__all__ = [
+    "Conv1x1Matmul",
+    "FusedConvReLU",
+    "MaxPool3x3s2",
+    "conv_bias_relu",
+    "count_fused",
+    "cudnn_fusable",
+    "fuse_conv_relu",
+    "max_pool_3x3_s2",
+]
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cudnn_fusable(x: Tensor, weight: Tensor) -> bool:
+    """Whether cuDNN's fused convolution kernels take these operands (CUDA, half or bf16, 4-D)."""
+    return (
+        x.is_cuda
+        and x.ndim == 4
+        and x.dtype in _FUSED_DTYPES
+        and weight.dtype == x.dtype
+        and bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
+        and torch.backends.cudnn.enabled
+    )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the op gives its output: channels_last when the input is (and not also NCHW)."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _out_hw(
+    x: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    h, w = int(x.shape[2]), int(x.shape[3])
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@torch.library.custom_op("itloop::conv_bias_relu", mutates_args=())
+def conv_bias_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """relu(conv2d(x, weight) + bias [+ residual]) in one cuDNN kernel where cuDNN fuses it.
+
+    x: (B, C, H, W); weight: (O, C/groups, kh, kw); bias: (O,); residual: None or (B, O, Ho, Wo);
+    all of one dtype. Returns (B, O, Ho, Wo) in x's dtype and layout (channels_last stays).
+    """
+    fmt = _memory_format(x)
+    if cudnn_fusable(x, weight):
+        if residual is None:
+            y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        else:
+            y = torch.cudnn_convolution_add_relu(
+                x, weight, residual, 1.0, bias, stride, padding, dilation, groups
+            )
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        if residual is not None:
+            y = y + residual
+        y = torch.relu(y)
+    return y.contiguous(memory_format=fmt)
+
+
+@conv_bias_relu.register_fake
+def _conv_bias_relu_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    return torch.empty(
+        (x.shape[0], weight.shape[0], ho, wo),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=_memory_format(x),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, _bias, residual, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.conv = (list(stride), list(padding), list(dilation), int(groups))
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, y = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+    g = torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    gx = gw = gb = None
+    if need_x or need_w or need_b:
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            weight,
+            [weight.shape[0]] if need_b else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [bool(need_x), bool(need_w), bool(need_b)],
+        )
+    gz = g if ctx.has_residual and need_z else None
+    return gx, gw, gb, gz, None, None, None, None
+
+
+conv_bias_relu.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedConvReLU(nn.Module):
+    """``relu(conv(x) [+ residual])`` of a Conv2d, as one :func:`conv_bias_relu` call.
+
+    Under autocast every operand is cast to autocast's dtype (the custom op is not autocast-aware);
+    otherwise weight, bias and residual take x's dtype.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"FusedConvReLU needs numeric zero padding, got padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
+        self.conv = conv
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) input [+ (B, O, Ho, Wo) residual] -> (B, O, Ho, Wo) activation."""
+        conv = self.conv
+        device_type = x.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else x.dtype
+        )
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+        padding = conv.padding
+        assert not isinstance(padding, str)  # refused in __init__
+        out: Tensor = conv_bias_relu(
+            x.to(dtype),
+            conv.weight.to(dtype),
+            bias.to(dtype),
+            None if residual is None else residual.to(dtype),
+            [int(s) for s in conv.stride],
+            [int(p) for p in padding],
+            [int(d) for d in conv.dilation],
+            int(conv.groups),
+        )
+        return out
+
+
+class Conv1x1Matmul(nn.Module):
+    """A 1×1 Conv2d (any stride), optionally followed by ``+ residual`` and ReLU, as a matmul over
+    the channels of a channels_last tensor.
+
+    Written this way the compiler sees a GEMM with a pointwise epilogue and, with Triton GEMM
+    templates, fuses bias, residual and ReLU into it, and in the backward the next layer's ReLU
+    mask into the data-gradient GEMM; cuDNN's own fusion stops at the forward pass.
+    """
+
+    def __init__(self, conv: nn.Conv2d, *, relu: bool) -> None:
+        super().__init__()
+        if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1 or tuple(conv.padding) != (0, 0):
+            raise ValueError(f"Conv1x1Matmul needs a 1×1, ungrouped, unpadded Conv2d, got {conv}")
+        self.conv = conv
+        self.relu = relu
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) input [+ (B, O, Ho, Wo) residual] -> (B, O, Ho, Wo)."""
+        sh, sw = (int(s) for s in self.conv.stride)
+        if (sh, sw) != (1, 1):
+            x = x[:, :, ::sh, ::sw]
+        w = self.conv.weight.flatten(1)
+        y = F.linear(x.permute(0, 2, 3, 1), w, self.conv.bias).permute(0, 3, 1, 2)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
+
+
+class _MaxPool3x3s2(torch.autograd.Function):
+    """3×3 max pool, stride 2, padding 1, whose backward is one pass over the input's gradient.
+
+    The forward keeps, per output, which of its 9 inputs won (int8). An input at an even
+    row/column belongs to one window along that axis (as its centre), one at an odd position to
+    two (as the last of one and the first of the next), so each input's gradient is a sum of at
+    most 4 masked output gradients, a single gather that writes every input gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        _b, _c, h, w = y.shape
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        yp = F.pad(y.permute(0, 2, 3, 1), (0, 0, 1, 2 * wo - w, 1, 2 * ho - h), value=-torch.inf)
+        best = yp[:, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
+        code = torch.zeros(best.shape, dtype=torch.int8, device=y.device)
+        for k in range(1, 9):
+            kr, kc = divmod(k, 3)
+            cand = yp[:, kr : kr + 2 * ho : 2, kc : kc + 2 * wo : 2]
+            better = cand > best  # strict: ties go to the first in scan order, as in PyTorch
+            best = torch.where(better, cand, best)
+            code = torch.where(better, torch.full_like(code, k), code)
+        ctx.save_for_backward(code)
+        ctx.hw = (h, w)
+        return best.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (code,) = ctx.saved_tensors
+        h, w = ctx.hw
+        b, ho, wo, c = code.shape
+        g = F.pad(grad.permute(0, 2, 3, 1), (0, 0, 0, 1, 0, 1))
+        cp = F.pad(code, (0, 0, 0, 1, 0, 1), value=-1)
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+
+        def part(kr: int, kc: int, dr: int, dc: int) -> Tensor:
+            gs = g[:, dr : dr + ho, dc : dc + wo]
+            cs = cp[:, dr : dr + ho, dc : dc + wo]
+            return torch.where(cs == 3 * kr + kc, gs, zero)
+
+        ee = part(1, 1, 0, 0)
+        eo = part(1, 2, 0, 0) + part(1, 0, 0, 1)
+        oe = part(2, 1, 0, 0) + part(0, 1, 1, 0)
+        oo = part(2, 2, 0, 0) + part(2, 0, 0, 1) + part(0, 2, 1, 0) + part(0, 0, 1, 1)
+        rows = torch.stack([torch.stack([ee, eo], dim=3), torch.stack([oe, oo], dim=3)], dim=2)
+        full = rows.reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w]
+        return full.permute(0, 3, 1, 2)
+
+
+def max_pool_3x3_s2(y: Tensor) -> Tensor:
+    """``F.max_pool2d(y, 3, 2, 1)`` of (B, C, H, W) ``y`` with a single-pass backward."""
+    out: Tensor = _MaxPool3x3s2.apply(y)
+    return out
+
+
+class MaxPool3x3s2(nn.Module):
+    """``nn.MaxPool2d(3, 2, 1)`` computed by :func:`max_pool_3x3_s2`."""
+
+    def forward(self, y: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
+        return max_pool_3x3_s2(y)
+
+
+def _is_resnet_pool(m: nn.Module) -> bool:
+    def pair(v: Any) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+    return (
+        type(m) is nn.MaxPool2d
+        and pair(m.kernel_size) == (3, 3)
+        and pair(m.stride) == (2, 2)
+        and pair(m.padding) == (1, 1)
+        and pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+        and not m.return_indices
+    )
+
+
+_LEAVES = (SplitStem, Fp32Input, FusedConvReLU, Conv1x1Matmul, MaxPool3x3s2)
+_RELU_FUNCTIONS: tuple[Callable[..., Any], ...] = (F.relu, torch.relu)
+_ADD_FUNCTIONS: tuple[Callable[..., Any], ...] = (operator.add, operator.iadd, torch.add)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _through_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Step back through single-use Identity modules (what BatchNorm folding leaves)."""
+    while (
+        node.op == "call_module"
+        and isinstance(_module(gm, node), nn.Identity)
+        and isinstance(node.args[0], fx.Node)
+        and len(node.users) == 1
+    ):
+        node = node.args[0]
+    return node
+
+
+def _fusable_conv(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The conv call feeding ``node`` (through Identity) when its output is used only there."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    conv_node = _through_identity(gm, node)
+    conv = _module(gm, conv_node)
+    if (
+        type(conv) is nn.Conv2d
+        and len(conv_node.users) == 1
+        and len(conv_node.args) == 1
+        and isinstance(conv_node.args[0], fx.Node)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    ):
+        return conv_node
+    return None
+
+
+def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
+
+
+def _is_1x1(conv: nn.Conv2d) -> bool:
+    return tuple(conv.kernel_size) == (1, 1) and conv.groups == 1 and tuple(conv.padding) == (0, 0)
+
+
+def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, max_pool: bool) -> int:
+    """Rewrite conv(→Identity)→(+ z)→relu patterns (and, as asked, 1×1 convs and 3×3/2 max pools)
+    in place; returns how many modules were replaced."""
+    fused = 0
+    for relu in list(gm.graph.nodes):
+        if not _is_relu(gm, relu) or not isinstance(relu.args[0], fx.Node):
+            continue
+        src = relu.args[0]
+        residual: fx.Node | None = None
+        conv_node = _fusable_conv(gm, src)
+        if conv_node is None and src.op in ("call_function", "call_method") and len(src.users) == 1:
+            is_add = (src.op == "call_function" and src.target in _ADD_FUNCTIONS) or (
+                src.op == "call_method" and src.target in ("add", "add_")
+            )
+            if is_add and len(src.args) == 2 and not src.kwargs:
+                a, b = src.args
+                for mine, other in ((a, b), (b, a)):
+                    hit = _fusable_conv(gm, mine)
+                    if hit is not None and isinstance(other, fx.Node):
+                        conv_node, residual = hit, other
+                        break
+        if conv_node is None:
+            continue
+        conv = _module(gm, conv_node)
+        assert isinstance(conv, nn.Conv2d)
+        name = f"{str(conv_node.target).replace('.', '_')}_fused_relu"
+        module: nn.Module = (
+            Conv1x1Matmul(conv, relu=True) if matmul_1x1 and _is_1x1(conv) else FusedConvReLU(conv)
+        )
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(relu):
+            args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
+            new = gm.graph.call_module(name, args)
+        relu.replace_all_uses_with(new)
+        fused += 1
+    gm.graph.eliminate_dead_code()
+    for node in gm.graph.nodes:
+        mod = _module(gm, node)
+        if matmul_1x1 and type(mod) is nn.Conv2d and _is_1x1(mod):
+            _replace_module(gm, str(node.target), Conv1x1Matmul(mod, relu=False))
+            fused += 1
+        elif max_pool and mod is not None and _is_resnet_pool(mod):
+            _replace_module(gm, str(node.target), MaxPool3x3s2())
+            fused += 1
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return fused
+
+
+def _fuse_module(module: nn.Module, **options: bool) -> tuple[nn.Module, int]:
+    """(module with its conv-ReLU patterns fused, how many); untraceable modules by children."""
+    if isinstance(module, _LEAVES):
+        return module, 0
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # fx cannot trace data-dependent Python (shape checks): go one level down
+        total = 0
+        for name, child in list(module.named_children()):
+            new, n = _fuse_module(child, **options)
+            if n:
+                setattr(module, name, new)
+            total += n
+        return module, total
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    n = _fuse_graph(gm, **options)
+    return (gm, n) if n else (module, 0)
+
+
+def fuse_conv_relu(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    matmul_1x1: bool = False,
+    max_pool: bool = True,
+    rtol: float = 1e-4,
+) -> nn.Module:
+    """A copy of eval-mode ``model`` in which each Conv2d → ReLU (and Conv2d → + z → ReLU) is one
+    :class:`FusedConvReLU`.
+
+    matmul_1x1: 1×1 convolutions become :class:`Conv1x1Matmul` instead (with their ReLU and
+    residual where they have one), for a compiler that fuses GEMM epilogues. max_pool: 3×3/2
+    max pools (the ResNet stem's) become :class:`MaxPool3x3s2`. example: (B, C, H, W) input on the
+    model's device; the copy must compute the same function on it in fp32 (relative error ≤ rtol,
+    else ValueError). Returns the copy even when nothing was replaced.
+    """
+    if model.training:
+        raise ValueError(f"fuse_conv_relu needs an eval-mode model; {type(model).__name__} is not")
+    fused, _ = _fuse_module(copy.deepcopy(model), matmul_1x1=matmul_1x1, max_pool=max_pool)
+    with torch.no_grad(), exact_fp32():
+        ref = model(example).float()
+        out = fused(example).float()
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err <= rtol:
+        raise ValueError(f"fusing conv and ReLU changed the output: relative error {err:.3g}")
+    return fused
+
+
+def count_fused(model: nn.Module) -> int:
+    """How many fused convolutions (FusedConvReLU, Conv1x1Matmul) ``model`` holds."""
+    return sum(isinstance(m, (FusedConvReLU, Conv1x1Matmul)) for m in model.modules())

@@ -1,0 +1,183 @@
+"""Conv + bias (+ residual) + ReLU as one op: same function, same gradients, found by fx."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from itloop.models import ITModel
+from itloop.stimulus import AttackConfig, AttackEngine, AttackRows
+from itloop.stimulus.folding import fold_batchnorm
+from itloop.stimulus.fusion import (
+    Conv1x1Matmul,
+    FusedConvReLU,
+    MaxPool3x3s2,
+    conv_bias_relu,
+    count_fused,
+    fuse_conv_relu,
+    max_pool_3x3_s2,
+)
+
+from .toys import TinyConvNet, on_grid
+
+
+def _reference(x, w, b, z, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return torch.relu(y if z is None else y + z)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "groups", "residual"),
+    [(1, 1, 1, 1, False), (2, 1, 1, 1, True), (1, 2, 2, 2, True), (2, 0, 1, 1, False)],
+)
+def test_fused_op_matches_the_composition_with_its_gradients(
+    stride: int, padding: int, dilation: int, groups: int, residual: bool
+) -> None:
+    g = torch.Generator().manual_seed(stride * 7 + padding + dilation * 3 + groups)
+    x = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    ho = (9 + 2 * padding - dilation * 2 - 1) // stride + 1
+    wo = (8 + 2 * padding - dilation * 2 - 1) // stride + 1
+    z = (
+        torch.randn(2, 6, ho, wo, generator=g, dtype=torch.float64, requires_grad=True)
+        if residual
+        else None
+    )
+    out = conv_bias_relu(x, w, b, z, *args)
+    ref = _reference(x, w, b, z, *args)
+    assert out.shape == ref.shape
+    assert float((out - ref).detach().abs().max()) < 1e-12
+    assert float((out == 0).double().mean()) > 0.1  # the ReLU is active somewhere
+    inputs = (x, w, b) if z is None else (x, w, b, z)
+    assert torch.autograd.gradcheck(
+        lambda *t: conv_bias_relu(t[0], t[1], t[2], t[3] if residual else None, *args),
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 3, 1), (1, 2, 2)])
+def test_fake_kernel_predicts_the_real_shape_and_layout(
+    channels_last: bool, stride: int, padding: int, dilation: int
+) -> None:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 8, 15, 12).contiguous(memory_format=fmt)
+    w = torch.randn(16, 8, 5, 5)
+    b = torch.randn(16)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, 1)
+    real = conv_bias_relu(x, w, b, None, *args)
+    with FakeTensorMode() as mode:
+        fake = conv_bias_relu(
+            mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), None, *args
+        )
+    assert fake.shape == real.shape
+    assert fake.stride() == real.stride()
+    assert real.is_contiguous(memory_format=fmt)
+
+
+def test_fx_rewrite_fuses_resnet_blocks_and_keeps_function_and_input_gradient() -> None:
+    # float64: fp32 gradients of a ReLU network move by ~1 % with the memory layout alone.
+    model = ITModel.build("resnet18", 5, input_hw=(64, 64), seed=0).eval().double()
+    model.requires_grad_(False)
+    x = on_grid(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))).double()
+    folded = fold_batchnorm(model, x)
+    fused = fuse_conv_relu(folded, x)
+    n_blocks = sum(type(m).__name__ == "BasicBlock" for m in model.modules())
+    # ResNet-18: the stem, then both convs of every BasicBlock (the second one with its residual).
+    assert count_fused(fused) == 1 + 2 * n_blocks
+    assert count_fused(folded) == 0  # the input model is left alone
+    z1 = x.clone().requires_grad_(True)
+    z2 = x.clone().requires_grad_(True)
+    (folded(z1)[:, 2].sum()).backward()
+    (fused(z2)[:, 2].sum()).backward()
+    assert z1.grad is not None
+    assert z2.grad is not None
+    assert float((z1.grad - z2.grad).norm() / z1.grad.norm()) < 1e-10
+    assert float((folded(x) - fused(x)).abs().max()) < 1e-9
+    assert sum(isinstance(m, MaxPool3x3s2) for m in fused.modules()) == 1
+    mm = fuse_conv_relu(folded, x, matmul_1x1=True)
+    n_1x1 = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in folded.modules())
+    assert sum(isinstance(m, Conv1x1Matmul) for m in mm.modules()) == n_1x1 > 0
+    z3 = x.clone().requires_grad_(True)
+    (mm(z3)[:, 2].sum()).backward()
+    assert z3.grad is not None
+    assert float((z1.grad - z3.grad).norm() / z1.grad.norm()) < 1e-10
+
+
+class _SharedConv(nn.Module):
+    """The conv's output feeds the ReLU and is also returned: fusing would lose it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.other = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.relu(y) + y + torch.relu(self.other(y))
+
+
+def test_a_conv_whose_output_is_also_used_elsewhere_is_not_fused() -> None:
+    model = _SharedConv().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse_conv_relu(model, x)
+    assert count_fused(fused) == 1  # only `other`, whose output goes to the ReLU alone
+    fused_mod = next(m for m in fused.modules() if isinstance(m, FusedConvReLU))
+    assert fused_mod.conv is not model.other  # a copy: the input model is untouched
+    assert float((fused(x) - model(x)).detach().abs().max()) < 1e-5
+
+
+def test_engine_gives_the_same_attack_with_and_without_fusion() -> None:
+    model = TinyConvNet(n_sites=3, seed=4)
+    images = on_grid(torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(5)))
+    rows = AttackRows.grid([0, 1, 2, 3], [0, 1, 2, 0], [0.5, 1.0])
+    results = []
+    for fuse in (True, False):
+        cfg = AttackConfig(steps=8, batch_size=8, autocast_dtype=None, fuse_conv_relu=fuse)
+        engine = AttackEngine(model, cfg)
+        results.append(engine.run(images, rows, generator=torch.Generator().manual_seed(6)))
+        fast = engine.prepare(images[:1])
+        assert count_fused(fast) == (2 if fuse else 0)
+    on, off = results
+    assert float((on.f_adv_unquantised - off.f_adv_unquantised).abs().max()) < 1e-4
+    assert float((on.delta_levels - off.delta_levels).abs().float().mean()) < 0.01
+
+
+def test_fused_module_casts_to_the_autocast_dtype() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    mod = FusedConvReLU(conv)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mod(x)
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - torch.relu(conv(x))).detach().abs().max()) < 0.1
+    with pytest.raises(ValueError, match="reflect"):
+        FusedConvReLU(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+
+
+@pytest.mark.parametrize(("h", "w"), [(112, 112), (113, 110), (7, 9), (2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_matches_pytorch_in_value_and_gradient(
+    h: int, w: int, channels_last: bool
+) -> None:
+    g = torch.Generator().manual_seed(h * 1000 + w)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(2, 5, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+    y = torch.where(torch.rand(y.shape, generator=g) < 0.3, 0.0, y)  # ties, as after a ReLU
+    a = y.clone().requires_grad_(True)
+    b = y.clone().requires_grad_(True)
+    out = max_pool_3x3_s2(a)
+    ref = F.max_pool2d(b, 3, 2, 1)
+    assert out.shape == ref.shape
+    assert torch.equal(out.detach(), ref.detach())
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(go)
+    ref.backward(go)
+    assert a.grad is not None
+    assert b.grad is not None
+    assert torch.equal(a.grad, b.grad)  # ties go to the same (first) input as in PyTorch
