@@ -92,3 +92,36 @@ def test_cuda_projection_and_controls_match_cpu() -> None:
     assert bool((out.realised_eps_l2 <= 1.0).all())
     assert float(out.realised_eps_l2.min()) > 0.99
     assert from_levels(out.stimulus_levels(lv.cpu())).shape == x.shape
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_fused_conv_relu_matches_the_composition(residual: bool) -> None:
+    from itloop.stimulus.fusion import conv_bias_relu, cudnn_fusable
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cl = torch.channels_last
+    x = (
+        torch.randn(8, 64, 28, 28, device="cuda", generator=g)
+        .bfloat16()
+        .contiguous(memory_format=cl)
+    )
+    w = (torch.randn(128, 64, 3, 3, device="cuda", generator=g) * 0.05).bfloat16()
+    b = torch.randn(128, device="cuda", generator=g).bfloat16()
+    z = torch.randn(8, 128, 14, 14, device="cuda", generator=g).bfloat16() if residual else None
+    assert cudnn_fusable(x, w)
+    args = ([2, 2], [1, 1], [1, 1], 1)
+    xa = x.clone().requires_grad_(True)
+    out = conv_bias_relu(xa, w, b, z, *args)
+    assert out.is_contiguous(memory_format=cl)
+    with exact_fp32():
+        ref = torch.nn.functional.conv2d(x.float(), w.float(), b.float(), 2, 1)
+        ref = torch.relu(ref if z is None else ref + z.float())
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    gout = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
+    out.backward(gout)
+    xr = x.float().requires_grad_(True)
+    ref2 = torch.nn.functional.conv2d(xr, w.float(), b.float(), 2, 1)
+    torch.relu(ref2 if z is None else ref2 + z.float()).backward(gout.float())
+    assert xa.grad is not None
+    assert xr.grad is not None
+    assert float((xa.grad.float() - xr.grad).norm() / xr.grad.norm()) < 2e-2
