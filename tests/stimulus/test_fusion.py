@@ -181,3 +181,26 @@ def test_max_pool_matches_pytorch_in_value_and_gradient(
     assert a.grad is not None
     assert b.grad is not None
     assert torch.equal(a.grad, b.grad)  # ties go to the same (first) input as in PyTorch
+
+
+@pytest.mark.slow
+def test_compiled_engine_with_the_fused_resnet_stem_matches_eager() -> None:
+    """The whole compiled loop (fused convs, the max pool's own backward, the fused step) gives
+    the eager loop's attack."""
+    model = ITModel.build("resnet18", 4, input_hw=(32, 32), seed=0)
+    images = on_grid(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(8)))
+    rows = AttackRows.grid([0, 1, 2, 3], [0, 1, 2, 3], [0.5])
+    results = []
+    for compiled in (False, True):
+        cfg = AttackConfig(
+            steps=4, batch_size=8, autocast_dtype=None, compile=compiled, channels_last=False
+        )
+        engine = AttackEngine(model, cfg)
+        results.append(engine.run(images, rows, generator=torch.Generator().manual_seed(9)))
+        assert sum(isinstance(m, MaxPool3x3s2) for m in engine.prepare(images).modules()) == 1
+    eager, compiled_result = results
+    gap = (eager.f_adv_unquantised - compiled_result.f_adv_unquantised).abs()
+    assert bool((gap <= 2e-3 * eager.f_adv_unquantised.abs() + 1e-3).all())  # fp32 reordering
+    gains = [float((r.sign.float() * r.predicted_change).mean()) for r in results]
+    assert gains[1] > 0.98 * gains[0] > 0
+    assert bool((compiled_result.realised_eps_l2 <= compiled_result.eps_l2).all())
