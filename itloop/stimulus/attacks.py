@@ -322,8 +322,9 @@ class AttackEngine:
         if self._fast is not None:
             return self._fast
         cfg = self.config
+        probe = example[:8]  # a few rows show whether a rewrite keeps the function
         fast = (
-            fold_batchnorm(self.model, example) if cfg.fold_batchnorm else copy.deepcopy(self.model)
+            fold_batchnorm(self.model, probe) if cfg.fold_batchnorm else copy.deepcopy(self.model)
         )
         fast = fast.eval()
         if cfg.autocast_dtype is not None and cfg.split_first_conv:
@@ -335,7 +336,7 @@ class AttackEngine:
         else:
             fast = keep_first_conv_fp32(fast)
         if cfg.fuse_conv_relu:
-            fast = fuse_conv_relu(fast, example, matmul_1x1=cfg.gemm_templates)
+            fast = fuse_conv_relu(fast, probe, matmul_1x1=cfg.gemm_templates)
         for p in fast.parameters():
             p.requires_grad_(False)
         if cfg.channels_last:
@@ -555,9 +556,7 @@ class AttackEngine:
                 cfg.keep_best,
             )
         _, val = self._grad(z, site, sign)  # the last iterate is scored too
-        better = sign * val > best_obj
-        best_val = torch.where(better, val, best_val)
-        best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
+        _, best_val, best_delta = _keep_better(delta, val, sign, best_obj, best_val, best_delta)
         return best_delta, best_val
 
     @staticmethod
@@ -599,13 +598,25 @@ def _pgd_step(
     recorded here (only the last iterate is kept, by the caller).
     """
     if keep_best:
-        obj = sign * val
-        better = obj > best_obj
-        best_obj = torch.where(better, obj, best_obj)
-        best_val = torch.where(better, val, best_val)
-        best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
+        best_obj, best_val, best_delta = _keep_better(
+            delta, val, sign, best_obj, best_val, best_delta
+        )
     new = _pgd_update(x, delta, grad, eps, alpha, iterations)
     return new, x + new, best_obj, best_val, best_delta
+
+
+def _keep_better(
+    delta: Tensor, val: Tensor, sign: Tensor, best_obj: Tensor, best_val: Tensor, best_delta: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(best objective, best f, best δ) after scoring iterate δ with f = ``val``: rows whose
+    ``sign · f`` beats their best so far take δ."""
+    obj = sign * val
+    better = obj > best_obj
+    return (
+        torch.where(better, obj, best_obj),
+        torch.where(better, val, best_val),
+        torch.where(better.view(-1, 1, 1, 1), delta, best_delta),
+    )
 
 
 def _pgd_update(

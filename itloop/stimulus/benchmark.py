@@ -105,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--projection-iterations",
         type=int,
-        default=None,
-        help="active-set updates of the ball∩box projection per step (default: the engine's)",
+        default=AttackConfig.projection_iterations,
+        help="active-set updates of the ball∩box projection per step (default %(default)s)",
     )
     p.add_argument(
         "--profile",
@@ -348,11 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split_first_conv=args.split_first_conv,
         fuse_conv_relu=args.fuse_conv_relu,
         gemm_templates=args.gemm_templates,
-        **(
-            {}
-            if args.projection_iterations is None
-            else {"projection_iterations": args.projection_iterations}
-        ),
+        projection_iterations=args.projection_iterations,
     )
     engine = AttackEngine(model, config)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format

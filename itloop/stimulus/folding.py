@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from itloop.stimulus.precision import exact_fp32
+from itloop.stimulus.precision import check_same_function, exact_fp32, replace_submodule
 
 __all__ = ["fold_batchnorm"]
 
@@ -75,18 +75,9 @@ def fold_batchnorm(model: nn.Module, example: Tensor, *, rtol: float = 1e-4) -> 
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"{conv_name}/{bn_name} are not Conv2d/BatchNorm2d")
         fused = fuse_conv_bn_eval(conv, bn)
-        for name, new in ((conv_name, fused), (bn_name, nn.Identity())):
-            parent_name, _, child = name.rpartition(".")
-            parent = folded.get_submodule(parent_name) if parent_name else folded
-            setattr(parent, child, new)
+        replace_submodule(folded, conv_name, fused)
+        replace_submodule(folded, bn_name, nn.Identity())
     for p in folded.parameters():
         p.requires_grad_(False)
-    with torch.no_grad(), exact_fp32():
-        ref = model(example).float()
-        out = folded(example).float()
-    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    if not err <= rtol:
-        raise ValueError(
-            f"folding BatchNorm changed the output: relative error {err:.3g} > {rtol:.3g}"
-        )
+    check_same_function(model, folded, example, rtol=rtol, what="folding BatchNorm")
     return folded

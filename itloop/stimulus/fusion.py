@@ -31,7 +31,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from itloop.stimulus.precision import Fp32Input, SplitStem, exact_fp32
+from itloop.stimulus.precision import (
+    Fp32Input,
+    SplitStem,
+    check_same_function,
+    replace_submodule,
+)
 
 __all__ = [
     "Conv1x1Matmul",
@@ -365,11 +370,6 @@ def _fusable_conv(gm: fx.GraphModule, node: Any) -> fx.Node | None:
     return None
 
 
-def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
-    parent_name, _, child = target.rpartition(".")
-    setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
-
-
 def _is_1x1(conv: nn.Conv2d) -> bool:
     return tuple(conv.kernel_size) == (1, 1) and conv.groups == 1 and tuple(conv.padding) == (0, 0)
 
@@ -413,10 +413,10 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, max_pool: bool) -> int:
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if matmul_1x1 and type(mod) is nn.Conv2d and _is_1x1(mod):
-            _replace_module(gm, str(node.target), Conv1x1Matmul(mod, relu=False))
+            replace_submodule(gm, str(node.target), Conv1x1Matmul(mod, relu=False))
             fused += 1
         elif max_pool and mod is not None and _is_resnet_pool(mod):
-            _replace_module(gm, str(node.target), MaxPool3x3s2())
+            replace_submodule(gm, str(node.target), MaxPool3x3s2())
             fused += 1
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -462,12 +462,7 @@ def fuse_conv_relu(
     if model.training:
         raise ValueError(f"fuse_conv_relu needs an eval-mode model; {type(model).__name__} is not")
     fused, _ = _fuse_module(copy.deepcopy(model), matmul_1x1=matmul_1x1, max_pool=max_pool)
-    with torch.no_grad(), exact_fp32():
-        ref = model(example).float()
-        out = fused(example).float()
-    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    if not err <= rtol:
-        raise ValueError(f"fusing conv and ReLU changed the output: relative error {err:.3g}")
+    check_same_function(model, fused, example, rtol=rtol, what="fusing conv and ReLU")
     return fused
 
 

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 __all__ = [
     "Fp32Input",
     "SplitStem",
+    "check_same_function",
     "conv_fp32_precision",
     "exact_fp32",
     "first_conv",
     "keep_first_conv_fp32",
+    "replace_submodule",
     "split_first_conv",
 ]
 
@@ -187,13 +189,8 @@ def split_first_conv(
     if any(isinstance(m, SplitStem) for m in model.modules()):
         return model
     name, conv = first_conv(model)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(
-        parent,
-        child,
-        SplitStem(conv, pad_channels_to=pad_channels_to, space_to_depth=space_to_depth),
-    )
+    stem = SplitStem(conv, pad_channels_to=pad_channels_to, space_to_depth=space_to_depth)
+    replace_submodule(model, name, stem)
     return model
 
 
@@ -207,11 +204,28 @@ def keep_first_conv_fp32(model: nn.Module) -> nn.Module:
         if isinstance(module, Fp32Input):
             return model
         if isinstance(module, nn.Conv2d):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Fp32Input(module))
+            replace_submodule(model, name, Fp32Input(module))
             return model
     raise ValueError(f"{type(model).__name__} has no Conv2d to keep in fp32")
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the dotted ``name`` is in ``model`` (in place)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def check_same_function(
+    model: nn.Module, changed: nn.Module, example: Tensor, *, rtol: float, what: str
+) -> None:
+    """Raise ValueError when ``changed`` does not compute ``model``'s function on ``example`` in
+    exact fp32 (relative error of the outputs > rtol); ``what`` names the change."""
+    with torch.no_grad(), exact_fp32():
+        ref = model(example).float()
+        out = changed(example).float()
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err <= rtol:
+        raise ValueError(f"{what} changed the output: relative error {err:.3g} > {rtol:.3g}")
 
 
 def conv_fp32_precision() -> str:

@@ -164,7 +164,7 @@ def _source_name(image_source: str) -> str:
     return f"folder:{image_source}"[:200]
 
 
-_ENGINES: dict[tuple[str, int, str], AttackEngine] = {}
+_ENGINE: list[AttackEngine] = []  # the last engine built in this process
 
 
 def attack_config(steps: int, device: torch.device) -> AttackConfig:
@@ -181,21 +181,19 @@ def attack_config(steps: int, device: torch.device) -> AttackConfig:
 
 
 def _engine(version_id: int, steps: int, device: torch.device, store: ContentStore) -> AttackEngine:
-    """The attack engine of a model version: one per (weights, steps, device) in this process, so
+    """The attack engine of a model version, reused while the model and settings stay the same, so
     that the compiled loop is built once for all chunks of a day, not once per chunk."""
     with runtime.current().sessions() as db:
         version = db.get(ModelVersion, version_id)
         if version is None:
             raise ValueError(f"model version {version_id} vanished")
-        model = load_model(store, version, device)
-        key = (version.checkpoint_sha256, int(steps), str(device))
-    engine = _ENGINES.get(key)
-    if engine is None or engine.model is not model:
-        _ENGINES.clear()  # one model at a time on the device
+        model = load_model(store, version, device)  # the same object while the weights are
+    config = attack_config(steps, device)
+    if not (_ENGINE and _ENGINE[0].model is model and _ENGINE[0].config == config):
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: the padded batch of 512
-        engine = _ENGINES[key] = AttackEngine(model, attack_config(steps, device))
-    return engine
+        _ENGINE[:] = [AttackEngine(model, config)]
+    return _ENGINE[0]
 
 
 @DBOS.step(name="itloop.generate.attack")

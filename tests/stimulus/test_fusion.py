@@ -204,3 +204,14 @@ def test_compiled_engine_with_the_fused_resnet_stem_matches_eager() -> None:
     gains = [float((r.sign.float() * r.predicted_change).mean()) for r in results]
     assert gains[1] > 0.98 * gains[0] > 0
     assert bool((compiled_result.realised_eps_l2 <= compiled_result.eps_l2).all())
+
+
+def test_a_rewrite_that_changes_the_function_is_refused_naming_it() -> None:
+    from itloop.stimulus.precision import check_same_function
+
+    model = TinyConvNet(n_sites=3, seed=1)
+    changed = TinyConvNet(n_sites=3, seed=2)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    check_same_function(model, model, x, rtol=0.0, what="nothing")
+    with pytest.raises(ValueError, match=r"swapping weights changed the output: relative error"):
+        check_same_function(model, changed, x, rtol=1e-4, what="swapping weights")
