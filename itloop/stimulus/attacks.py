@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from itloop.stimulus.constraints import project_l2_box_rows
 from itloop.stimulus.errors import AttackError
@@ -408,6 +409,21 @@ class AttackEngine:
         a run is reproducible and independent of batching and sharding. Returns all rows (rank 0) or
         this rank's shard (other ranks), each row with its ``row_index``.
         """
+        mine = AttackResult.concat(
+            list(self.run_batches(images, rows, generator=generator)) or [self._empty(images)]
+        )
+        gathered = gather_to_first(mine)
+        return mine if gathered is None else AttackResult.concat(gathered)
+
+    def run_batches(
+        self, images: Tensor, rows: AttackRows, *, generator: torch.Generator
+    ) -> Iterator[AttackResult]:
+        """:meth:`run` one batch at a time, on this rank's shard only (nothing gathered).
+
+        Each batch is yielded as soon as it is done, so a caller can store batch k's stimuli while
+        the device works on batch k + 1; the rows, seeds and results are those of :meth:`run`. The
+        arguments are checked (and the seed drawn) at the call, before any batch runs.
+        """
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"images must be float (M, C, H, W), got {tuple(images.shape)}")
         lo, hi = float(images.min()), float(images.max())
@@ -425,13 +441,11 @@ class AttackEngine:
         start, stop = shard_bounds(len(rows), rank, size)
         local = torch.arange(start, stop, dtype=torch.int64)
         clean_levels = to_levels(images)
-        parts = []
         bs = self.config.batch_size
-        for b in range(0, local.numel(), bs):
-            parts.append(self._run_batch(clean_levels, rows, local[b : b + bs], base_seed))
-        mine = AttackResult.concat(parts) if parts else self._empty(images)
-        gathered = gather_to_first(mine)
-        return mine if gathered is None else AttackResult.concat(gathered)
+        return (
+            self._run_batch(clean_levels, rows, local[b : b + bs], base_seed)
+            for b in range(0, local.numel(), bs)
+        )
 
     def _empty(self, images: Tensor) -> AttackResult:
         z = torch.zeros(0)
@@ -464,32 +478,39 @@ class AttackEngine:
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         x = from_levels(lv).contiguous(memory_format=fmt)
         self.prepare(x)
-        delta, pred = self.pgd(x, site, sign, eps, pad.tolist(), base_seed)
+        with record_function("itloop.run.pgd"):
+            delta, pred = self.pgd(x, site, sign, eps, pad.tolist(), base_seed)
         delta, pred = delta[:n], pred[:n]
         x, lv, site, sign, eps = x[:n], lv[:n], site[:n], sign[:n], eps[:n]
-        self._check_budget(x, delta, r.eps_l2[:n])
+        with record_function("itloop.run.budget_check"):
+            self._check_budget(x, delta, r.eps_l2[:n])
         grad = None
         if cfg.quantisation_aware:
-            k0 = torch.round(delta * LEVELS)
-            z0 = (x + k0 / LEVELS).clamp(0.0, 1.0)
-            grad = self._grad_padded(z0, site, sign)
-        k = quantise_perturbation(lv, delta, grad, r.eps_l2[:n].to(device))
+            with record_function("itloop.run.rounded_gradient"):
+                k0 = torch.round(delta * LEVELS)
+                z0 = (x + k0 / LEVELS).clamp(0.0, 1.0)
+                grad = self._grad_padded(z0, site, sign)
+        with record_function("itloop.run.quantise"):
+            k = quantise_perturbation(lv, delta, grad, r.eps_l2[:n].to(device))
         x_adv = from_levels((lv.to(torch.int16) + k).to(torch.uint8))
-        uniq, inverse = torch.unique(img[:n], return_inverse=True)
-        f_clean = self.predict(from_levels(clean_levels[uniq]))[inverse, site]
-        f_adv = self.predict(x_adv, site)
-        return AttackResult(
-            row_index=index.clone(),
-            image_index=r.image_index[:n].clone(),
-            site_index=r.site_index[:n].clone(),
-            sign=r.sign[:n].clone(),
-            eps_l2=r.eps_l2[:n].double().clone(),
-            realised_eps_l2=realised_eps_l2(k).cpu(),
-            delta_levels=k.cpu(),
-            f_clean=f_clean.float().cpu(),
-            f_adv=f_adv.float().cpu(),
-            f_adv_unquantised=pred.float().cpu(),
-        )
+        with record_function("itloop.run.predict_clean"):
+            uniq, inverse = torch.unique(img[:n], return_inverse=True)
+            f_clean = self.predict(from_levels(clean_levels[uniq]))[inverse, site]
+        with record_function("itloop.run.predict_adv"):
+            f_adv = self.predict(x_adv, site)
+        with record_function("itloop.run.to_host"):
+            return AttackResult(
+                row_index=index.clone(),
+                image_index=r.image_index[:n].clone(),
+                site_index=r.site_index[:n].clone(),
+                sign=r.sign[:n].clone(),
+                eps_l2=r.eps_l2[:n].double().clone(),
+                realised_eps_l2=realised_eps_l2(k).cpu(),
+                delta_levels=k.cpu(),
+                f_clean=f_clean.float().cpu(),
+                f_adv=f_adv.float().cpu(),
+                f_adv_unquantised=pred.float().cpu(),
+            )
 
     def _grad_padded(self, z: Tensor, site: Tensor, sign: Tensor) -> Tensor:
         """Gradient at (n, C, H, W) points, padded to the compiled batch size if needed."""

@@ -40,9 +40,10 @@ from itloop.server.db.tables import (
     StimulusKind,
 )
 from itloop.server.sessions import transition
-from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows, select_largest_change
+from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows
 from itloop.stimulus.controls import gaussian_noise_control, interpolation_control
-from itloop.stimulus.images import encode_png, load_image
+from itloop.stimulus.images import load_image
+from itloop.stimulus.pipeline import PngWriter, attack_and_store
 from itloop.stimulus.quantisation import from_levels, to_levels
 from itloop.stimulus.rsvp import StimulusSlot, gap_in_presentations, plan_rsvp
 from itloop.stimulus.sources import ImageFolderSource
@@ -216,18 +217,26 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     generator = torch.Generator(device="cpu").manual_seed(plan["seed"] * 1000 + chunk)
     readout = torch.tensor([a["readout_index"] for a in work], dtype=torch.int64)
     rows = AttackRows.grid(torch.arange(len(work)), readout, eps)
-    result = select_largest_change(engine.run(clean_q.to(device), rows, generator=generator))
-    adv_levels = result.adversarial_levels(clean_levels)
+    # PNGs are encoded and stored on CPU threads while the device attacks the next batch
+    with PngWriter(store.put) as writer:
+        clean_at = writer.submit(list(clean_levels))
+        kept = attack_and_store(
+            engine, clean_levels, rows, generator=generator, writer=writer, device=device
+        )
+        f_clean_all = engine.predict(clean_q.to(device), readout.to(device)).cpu()
+        controls = _controls(
+            plan, work, clean_levels, f_clean_all, engine, readout, writer, chunk, device
+        )
+        sha = writer.results()
+    result = kept.result
 
     out: list[dict[str, Any]] = []
-    f_clean_all = engine.predict(clean_q.to(device), readout.to(device)).cpu()
     for i, a in enumerate(work):
-        sha = store.put(encode_png(clean_levels[i]))
         out.append(
             {
                 "key": f"c{a['site_id']}:{a['relative_path']}",
                 "kind": "clean",
-                "sha256": sha,
+                "sha256": sha[clean_at[i]],
                 "px": px,
                 "site_id": a["site_id"],
                 "relative_path": a["relative_path"],
@@ -243,7 +252,7 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
                 "key": f"a{a['site_id']}:{a['relative_path']}:{float(result.eps_l2[r])}",
                 "parent": f"c{a['site_id']}:{a['relative_path']}",
                 "kind": "attack",
-                "sha256": store.put(encode_png(adv_levels[r])),
+                "sha256": kept.sha256[r],
                 "px": px,
                 "site_id": a["site_id"],
                 "eps_requested_l2": float(result.eps_l2[r]),
@@ -253,7 +262,8 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
                 "f_perturbed": float(result.f_adv[r]),
             }
         )
-    out += _controls(plan, work, clean_levels, f_clean_all, engine, readout, store, chunk, device)
+    for meta, position in controls:
+        out.append({**meta, "sha256": sha[position]})
     log.info(
         "session %s: stimuli of site chunk %d/%d made (%d stimuli)",
         plan["session_id"],
@@ -271,12 +281,13 @@ def _controls(
     f_clean: torch.Tensor,
     engine: AttackEngine,
     readout: torch.Tensor,
-    store: ContentStore,
+    writer: PngWriter,
     chunk: int,
     device: torch.device,
-) -> list[dict[str, Any]]:
-    """Model-free stimuli at each ε, scored with the generating model's predictions too."""
-    out: list[dict[str, Any]] = []
+) -> list[tuple[dict[str, Any], int]]:
+    """Model-free stimuli at each ε, scored with the generating model's predictions too: each
+    stimulus's record and its PNG's position in ``writer``."""
+    out: list[tuple[dict[str, Any], int]] = []
     px = plan["input_px"]
     n = len(work)
     partners = None
@@ -294,23 +305,22 @@ def _controls(
                     )
                 control = interpolation_control(clean_levels, partners, eps)
             levels = control.stimulus_levels(clean_levels)
+            at = writer.submit(list(levels))
             f_control = engine.predict(from_levels(levels).to(device), readout.to(device)).cpu()
             for i in range(n):
                 a = work[i]
-                out.append(
-                    {
-                        "key": f"{kind[0]}{a['site_id']}:{a['relative_path']}:{eps}",
-                        "parent": f"c{a['site_id']}:{a['relative_path']}",
-                        "kind": kind,
-                        "sha256": store.put(encode_png(levels[i])),
-                        "px": px,
-                        "site_id": a["site_id"],
-                        "eps_requested_l2": float(eps),
-                        "eps_realised_l2": float(control.realised_eps_l2[i]),
-                        "f_clean": float(f_clean[i]),
-                        "f_perturbed": float(f_control[i]),
-                    }
-                )
+                record = {
+                    "key": f"{kind[0]}{a['site_id']}:{a['relative_path']}:{eps}",
+                    "parent": f"c{a['site_id']}:{a['relative_path']}",
+                    "kind": kind,
+                    "px": px,
+                    "site_id": a["site_id"],
+                    "eps_requested_l2": float(eps),
+                    "eps_realised_l2": float(control.realised_eps_l2[i]),
+                    "f_clean": float(f_clean[i]),
+                    "f_perturbed": float(f_control[i]),
+                }
+                out.append((record, at[i]))
     return out
 
 

@@ -1,0 +1,163 @@
+"""Attack and store in one pipeline: PNGs are encoded on CPU threads while the device works.
+
+A day's attack is device-bound and its PNG writing CPU-bound (a 224×224 stimulus takes ~6 ms to
+encode on one core). Run one after the other they add up; here each finished batch's kept stimuli
+go to a thread pool (zlib releases the GIL) while the device runs the next batch, so the PNG time
+hides behind the attack's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from itloop.stimulus.attacks import AttackEngine, AttackResult, AttackRows, select_largest_change
+from itloop.stimulus.images import encode_png
+from itloop.stimulus.quantisation import from_levels
+from itloop.stimulus.sharding import world
+
+__all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "png_workers"]
+
+Put = Callable[[bytes], str]
+"""Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
+
+
+def png_workers() -> int:
+    """Threads for PNG writing: every core but one (which drives the device), at least one."""
+    return max(1, min(32, (os.cpu_count() or 2) - 1))
+
+
+class PngWriter:
+    """Encodes (3, H, W) uint8 images as PNG and stores them on a thread pool, in order.
+
+    ``submit`` returns at once; ``results`` waits for everything submitted and returns the content
+    addresses in submission order. At most ``max_pending`` images wait at a time (submit blocks on
+    the oldest beyond that), so a slow disk cannot pile a day's stimuli up in memory. The first
+    error of a worker is raised by the next ``submit`` or by ``results``.
+    """
+
+    def __init__(self, put: Put, *, workers: int | None = None, max_pending: int = 4096) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self._put = put
+        self._pool = ThreadPoolExecutor(workers or png_workers(), thread_name_prefix="png")
+        self._pending: deque[Future[str]] = deque()
+        self._done: list[str] = []
+        self._max_pending = max_pending
+
+    def _write(self, levels: Tensor) -> str:
+        return self._put(encode_png(levels))
+
+    @property
+    def submitted(self) -> int:
+        """Images submitted so far."""
+        return len(self._done) + len(self._pending)
+
+    def submit(self, levels: Iterable[Tensor]) -> range:
+        """Queue images (each (3, H, W) uint8, on the CPU) for writing; returns their positions in
+        :meth:`results`."""
+        start = self.submitted
+        for image in levels:
+            while len(self._pending) >= self._max_pending:
+                self._done.append(self._pending.popleft().result())
+            self._pending.append(self._pool.submit(self._write, image))
+        return range(start, self.submitted)
+
+    def results(self) -> list[str]:
+        """Content addresses of every image submitted so far, in order (waits for them)."""
+        while self._pending:
+            self._done.append(self._pending.popleft().result())
+        return list(self._done)
+
+    def close(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class KeptStimuli:
+    """The kept row of each (image, site, ε) and the content address of its PNG, in row order."""
+
+    result: AttackResult
+    sha256: list[str]
+
+
+def _keys(result: AttackResult) -> np.ndarray:
+    return np.stack(
+        [
+            result.image_index.numpy().astype(np.float64),
+            result.site_index.numpy().astype(np.float64),
+            result.eps_l2.numpy(),
+        ],
+        axis=1,
+    )
+
+
+def attack_and_store(
+    engine: AttackEngine,
+    clean_levels: Tensor,
+    rows: AttackRows,
+    *,
+    generator: torch.Generator,
+    writer: PngWriter,
+    device: torch.device | str = "cpu",
+) -> KeptStimuli:
+    """Attack ``rows`` batch by batch, keep the larger predicted change per (image, site, ε), and
+    hand each batch's kept stimuli to ``writer`` while the device runs the next batch.
+
+    clean_levels: (M, 3, H, W) uint8 clean images on the CPU. The rows of one (image, site, ε)
+    (its signs and restarts) must be consecutive, as :meth:`AttackRows.grid` makes them; a group
+    cut by a batch boundary waits for the rest of its rows. Same results as
+    ``select_largest_change(engine.run(...))`` in one process.
+    """
+    if clean_levels.dtype != torch.uint8 or clean_levels.ndim != 4:
+        raise ValueError(
+            f"clean_levels must be (M, C, H, W) uint8, got {tuple(clean_levels.shape)} "
+            f"{clean_levels.dtype}"
+        )
+    if world()[1] > 1:
+        raise RuntimeError("attack_and_store runs in one process; use AttackEngine.run to shard")
+    images = from_levels(clean_levels).to(device)
+    if len(rows) == 0:
+        return KeptStimuli(result=engine.run(images, rows, generator=generator), sha256=[])
+    start = writer.submitted
+    kept: list[AttackResult] = []
+    carry: AttackResult | None = None
+
+    def keep(closed: AttackResult) -> None:
+        chosen = select_largest_change(closed)
+        kept.append(chosen)
+        writer.submit(chosen.adversarial_levels(clean_levels))
+
+    for part in engine.run_batches(images, rows, generator=generator):
+        if carry is not None:
+            part = AttackResult.concat([carry, part])
+        keys = _keys(part)
+        trailing = np.all(keys == keys[-1], axis=1)[::-1]
+        # the last group may go on in the next batch: hold it back
+        n_open = len(part) if trailing.all() else int(np.argmin(trailing))
+        carry = part.take(torch.arange(len(part) - n_open, len(part))) if n_open else None
+        if n_open < len(part):
+            keep(part.take(torch.arange(len(part) - n_open)))
+    if carry is not None:
+        keep(carry)
+    result = AttackResult.concat(kept)
+    if len(np.unique(_keys(result), axis=0)) != len(result):
+        raise ValueError(
+            "rows of one (image, site, ε) are not consecutive: order them as AttackRows.grid does"
+        )
+    return KeptStimuli(result=result, sha256=writer.results()[start : start + len(result)])

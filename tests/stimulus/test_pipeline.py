@@ -1,0 +1,118 @@
+"""Attack and store as one pipeline: the same stimuli as attack-then-write, PNGs in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from itloop.stimulus import (
+    AttackConfig,
+    AttackEngine,
+    AttackRows,
+    decode_png,
+    select_largest_change,
+    sha256_hex,
+    to_levels,
+)
+from itloop.stimulus.pipeline import PngWriter, attack_and_store
+
+from .toys import TinyConvNet
+
+SHAPE = (3, 8, 8)
+
+
+class MemoryStore:
+    """A content store in a dict, safe for the writer's threads."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.most_in_flight = 0
+        self._in_flight = 0
+
+    def put(self, data: bytes) -> str:
+        with self.lock:
+            self._in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self._in_flight)
+        time.sleep(self.delay_s)
+        digest = sha256_hex(data)
+        with self.lock:
+            self.blobs[digest] = data
+            self._in_flight -= 1
+        return digest
+
+
+def _job(restarts: int) -> tuple[TinyConvNet, torch.Tensor, AttackRows]:
+    model = TinyConvNet(n_sites=3, seed=4)
+    gen = torch.Generator().manual_seed(8)
+    clean = to_levels(torch.rand(3, *SHAPE, generator=gen))
+    rows = AttackRows.grid([0, 1, 2, 1], [0, 1, 2, 2], [0.25, 0.5], restarts=restarts)
+    return model, clean, rows
+
+
+@pytest.mark.parametrize(("restarts", "batch"), [(1, 4), (3, 4), (3, 5), (1, 64)])
+def test_pipeline_keeps_and_stores_what_attack_then_select_keeps(restarts: int, batch: int) -> None:
+    """Groups of 2 × restarts rows cut by batch boundaries (6 rows, batches of 4 or 5) still
+    keep the one best row each, and every kept stimulus is stored as its own exact PNG."""
+    model, clean, rows = _job(restarts)
+    engine = AttackEngine(model, AttackConfig(steps=4, batch_size=batch, autocast_dtype=None))
+    expected = select_largest_change(
+        engine.run(clean.float() / 255, rows, generator=torch.Generator().manual_seed(2))
+    )
+    store = MemoryStore()
+    with PngWriter(store.put, workers=3) as writer:
+        writer.submit([clean[0]])  # something written before: the addresses still line up
+        kept = attack_and_store(
+            engine, clean, rows, generator=torch.Generator().manual_seed(2), writer=writer
+        )
+    assert len(kept.result) == len(rows) // (2 * restarts) == 8
+    assert torch.equal(kept.result.row_index, expected.row_index)
+    assert torch.equal(kept.result.delta_levels, expected.delta_levels)
+    assert torch.equal(kept.result.f_adv, expected.f_adv)
+    levels = expected.adversarial_levels(clean)
+    assert len(kept.sha256) == len(levels)
+    for sha, image in zip(kept.sha256, levels, strict=True):
+        assert torch.equal(decode_png(store.blobs[sha]), image)
+
+
+def test_rows_of_a_group_apart_are_refused() -> None:
+    model, clean, rows = _job(1)
+    scattered = rows.take(torch.tensor([0, 2, 1, 3]))  # the signs of a pair no longer adjacent
+    engine = AttackEngine(model, AttackConfig(steps=1, batch_size=2, autocast_dtype=None))
+    with (
+        PngWriter(MemoryStore().put, workers=1) as writer,
+        pytest.raises(ValueError, match="not consecutive"),
+    ):
+        attack_and_store(engine, clean, scattered, generator=torch.Generator(), writer=writer)
+
+
+def test_writer_keeps_order_bounds_its_queue_and_uses_its_threads() -> None:
+    store = MemoryStore(delay_s=0.01)
+    images = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(24)]
+    with PngWriter(store.put, workers=4, max_pending=6) as writer:
+        first = writer.submit(images[:10])
+        second = writer.submit(images[10:])
+        assert writer.submitted == 24
+        shas = writer.results()
+    assert (first, second) == (range(0, 10), range(10, 24))
+    assert [int(decode_png(store.blobs[s])[0, 0, 0]) for s in shas] == list(range(24))
+    assert 2 <= store.most_in_flight <= 4
+
+
+def test_a_failed_write_is_raised_not_lost() -> None:
+    def broken(data: bytes) -> str:
+        raise OSError("disk full")
+
+    with PngWriter(broken, workers=2) as writer:
+        writer.submit([torch.zeros(3, 4, 4, dtype=torch.uint8)])
+        with pytest.raises(OSError, match="disk full"):
+            writer.results()
+
+
+def test_writer_refuses_a_queue_of_nothing() -> None:
+    with pytest.raises(ValueError, match="max_pending must be >= 1, got 0"):
+        PngWriter(MemoryStore().put, max_pending=0)
