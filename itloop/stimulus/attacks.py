@@ -442,8 +442,16 @@ class AttackEngine:
         local = torch.arange(start, stop, dtype=torch.int64)
         clean_levels = to_levels(images)
         bs = self.config.batch_size
+        if not local.numel():
+            return iter(())
+        # f(x) of every clean image once (exact fp32), rather than once per batch
+        used = torch.unique(rows.image_index[local])
+        slot = torch.full((images.shape[0],), -1, dtype=torch.int64)
+        slot[used] = torch.arange(used.numel())
+        f_used = self.predict(from_levels(clean_levels[used.to(images.device)])).float()
+        clean_f = (f_used, slot.to(images.device))
         return (
-            self._run_batch(clean_levels, rows, local[b : b + bs], base_seed)
+            self._run_batch(clean_levels, clean_f, rows, local[b : b + bs], base_seed)
             for b in range(0, local.numel(), bs)
         )
 
@@ -463,7 +471,12 @@ class AttackEngine:
         )
 
     def _run_batch(
-        self, clean_levels: Tensor, rows: AttackRows, index: Tensor, base_seed: int
+        self,
+        clean_levels: Tensor,
+        clean_f: tuple[Tensor, Tensor],
+        rows: AttackRows,
+        index: Tensor,
+        base_seed: int,
     ) -> AttackResult:
         cfg = self.config
         device = clean_levels.device
@@ -493,9 +506,8 @@ class AttackEngine:
         with record_function("itloop.run.quantise"):
             k = quantise_perturbation(lv, delta, grad, r.eps_l2[:n].to(device))
         x_adv = from_levels((lv.to(torch.int16) + k).to(torch.uint8))
-        with record_function("itloop.run.predict_clean"):
-            uniq, inverse = torch.unique(img[:n], return_inverse=True)
-            f_clean = self.predict(from_levels(clean_levels[uniq]))[inverse, site]
+        f_used, slot = clean_f  # f(x) of the job's images (U, N), and each image's row in it
+        f_clean = f_used[slot[img[:n]], site]
         with record_function("itloop.run.predict_adv"):
             f_adv = self.predict(x_adv, site)
         with record_function("itloop.run.to_host"):
