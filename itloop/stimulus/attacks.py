@@ -246,9 +246,13 @@ class AttackConfig:
     of δ (ResNet's 7×7/2 on 3 channels becomes 4×4/1 on 12), which tensor cores take well.
     fuse_conv_relu: each Conv2d → (+ residual) → ReLU of the loop's copy runs as one cuDNN kernel
     (:mod:`itloop.stimulus.fusion`); on the CPU the fused op is the plain composition.
-    gemm_templates: with compile, 1×1 convolutions run as matmuls that the compiler generates as
-    Triton GEMMs with bias, residual and ReLU (and, backward, the ReLU masks) fused into them
-    (:data:`GEMM_TEMPLATE_OPTIONS`); it autotunes each GEMM shape once, which takes minutes.
+    matmul_1x1: how 1×1 convolutions run: "none" (cuDNN, fused with bias, residual and ReLU),
+    "dgrad" (that forward, with the input gradient of the stride-1 ones as a matmul that a
+    compiler can fuse the backward's ReLU masks and residual sums into) or "all" (forward and
+    backward as matmuls over channels_last tensors, :class:`~itloop.stimulus.fusion.Conv1x1Matmul`).
+    gemm_templates: with compile, matmuls run as autotuned Triton GEMMs with pointwise prologues
+    and epilogues fused into them (:data:`GEMM_TEMPLATE_OPTIONS`); autotuning each GEMM shape once
+    takes minutes.
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
     """
@@ -268,6 +272,7 @@ class AttackConfig:
     stem_channel_multiple: int = 8
     stem_space_to_depth: bool = True
     fuse_conv_relu: bool = True
+    matmul_1x1: str = "none"
     gemm_templates: bool = False
 
     def __post_init__(self) -> None:
@@ -280,9 +285,14 @@ class AttackConfig:
             raise ValueError(
                 f"stem_channel_multiple must be >= 1, got {self.stem_channel_multiple}"
             )
+        if self.matmul_1x1 not in MATMUL_1X1:
+            raise ValueError(f"matmul_1x1 must be one of {MATMUL_1X1}, got {self.matmul_1x1!r}")
         if not self.step_ratio > 0:
             raise ValueError(f"step_ratio must be > 0, got {self.step_ratio}")
 
+
+MATMUL_1X1 = ("none", "dgrad", "all")
+"""Values of :attr:`AttackConfig.matmul_1x1`."""
 
 GEMM_TEMPLATE_OPTIONS: dict[str, str | bool] = {
     "max_autotune_gemm": True,
@@ -323,6 +333,10 @@ class AttackEngine:
         if self._fast is not None:
             return self._fast
         cfg = self.config
+        if cfg.gemm_templates and example.device.type != "cuda":
+            raise ValueError(
+                f"gemm_templates compiles Triton GEMMs for CUDA; the batch is on {example.device}"
+            )
         probe = example[:8]  # a few rows show whether a rewrite keeps the function
         fast = (
             fold_batchnorm(self.model, probe) if cfg.fold_batchnorm else copy.deepcopy(self.model)
@@ -337,7 +351,12 @@ class AttackEngine:
         else:
             fast = keep_first_conv_fp32(fast)
         if cfg.fuse_conv_relu:
-            fast = fuse_conv_relu(fast, probe, matmul_1x1=cfg.gemm_templates)
+            fast = fuse_conv_relu(
+                fast,
+                probe,
+                matmul_1x1=cfg.matmul_1x1 == "all",
+                mm_dgrad=cfg.matmul_1x1 == "dgrad",
+            )
         for p in fast.parameters():
             p.requires_grad_(False)
         if cfg.channels_last:

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itloop.server.artifacts import ContentStore
 from itloop.stimulus.attacks import (
+    MATMUL_1X1,
     AttackConfig,
     AttackEngine,
     AttackResult,
@@ -101,7 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         "--gemm-templates",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="1×1 convs as Triton GEMMs with fused epilogues (autotuned: minutes to compile)",
+        help="compile matmuls as Triton GEMMs with fused prologues and epilogues (autotuned: "
+        "minutes to compile)",
+    )
+    p.add_argument(
+        "--matmul-1x1",
+        choices=MATMUL_1X1,
+        default=AttackConfig.matmul_1x1,
+        help="1×1 convs: cuDNN (none), cuDNN forward + matmul input gradient (dgrad), or "
+        "matmuls both ways (all)",
     )
     p.add_argument(
         "--projection-iterations",
@@ -450,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_mode=args.compile_mode,
         split_first_conv=args.split_first_conv,
         fuse_conv_relu=args.fuse_conv_relu,
+        matmul_1x1=args.matmul_1x1,
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
     )
@@ -494,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cudnn_conv_fp32_precision": conv_fp32_precision(),
         "fold_batchnorm": args.fold_bn,
         "fuse_conv_relu": config.fuse_conv_relu,
+        "matmul_1x1": config.matmul_1x1,
         "gemm_templates": config.gemm_templates,
         "channels_last": args.channels_last,
         "compile": use_compile,

@@ -95,11 +95,15 @@ def conv_bias_relu(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    mm_dgrad: bool = False,
 ) -> Tensor:
     """relu(conv2d(x, weight) + bias [+ residual]) in one cuDNN kernel where cuDNN fuses it.
 
     x: (B, C, H, W); weight: (O, C/groups, kh, kw); bias: (O,); residual: None or (B, O, Ho, Wo);
     all of one dtype. Returns (B, O, Ho, Wo) in x's dtype and layout (channels_last stays).
+    mm_dgrad: for a 1×1, stride-1, unpadded, ungrouped conv, the backward's input gradient is a
+    matmul over channels (which a compiler can fuse the ReLU masks around) instead of a
+    data-gradient convolution; the same numbers either way.
     """
     fmt = _memory_format(x)
     if cudnn_fusable(x, weight):
@@ -127,6 +131,7 @@ def _conv_bias_relu_fake(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    mm_dgrad: bool = False,
 ) -> Tensor:
     ho, wo = _out_hw(x, weight, stride, padding, dilation)
     return torch.empty(
@@ -138,9 +143,10 @@ def _conv_bias_relu_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, _bias, residual, stride, padding, dilation, groups = inputs
+    x, weight, _bias, residual, stride, padding, dilation, groups, mm_dgrad = inputs
     ctx.save_for_backward(x, weight, output)
     ctx.conv = (list(stride), list(padding), list(dilation), int(groups))
+    ctx.mm_dgrad = bool(mm_dgrad) and _is_pointwise_conv(weight, stride, padding, groups)
     ctx.has_residual = residual is not None
 
 
@@ -150,7 +156,10 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     g = torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     gx = gw = gb = None
-    if need_x or need_w or need_b:
+    if ctx.mm_dgrad and need_x and not (need_w or need_b):
+        # (B, O, H, W) -> (B, H, W, O) @ (O, C) -> (B, H, W, C): one GEMM over channels_last rows
+        gx = torch.matmul(g.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)
+    elif need_x or need_w or need_b:
         gx, gw, gb = torch.ops.aten.convolution_backward(
             g,
             x,
@@ -165,7 +174,19 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
             [bool(need_x), bool(need_w), bool(need_b)],
         )
     gz = g if ctx.has_residual and need_z else None
-    return gx, gw, gb, gz, None, None, None, None
+    return gx, gw, gb, gz, None, None, None, None, None
+
+
+def _is_pointwise_conv(
+    weight: Tensor, stride: Sequence[int], padding: Sequence[int], groups: int
+) -> bool:
+    """A 1×1, stride-1, unpadded, ungrouped convolution: a matmul over channels."""
+    return (
+        tuple(weight.shape[2:]) == (1, 1)
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (0, 0)
+        and groups == 1
+    )
 
 
 conv_bias_relu.register_autograd(_backward, setup_context=_setup_context)
@@ -175,11 +196,12 @@ class FusedConvReLU(nn.Module):
     """``relu(conv(x) [+ residual])`` of a Conv2d, as one :func:`conv_bias_relu` call.
 
     Under autocast every operand is cast to autocast's dtype (the custom op is not autocast-aware);
-    otherwise weight, bias and residual take x's dtype.
+    otherwise weight, bias and residual take x's dtype. mm_dgrad: see :func:`conv_bias_relu`.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, *, mm_dgrad: bool = False) -> None:
         super().__init__()
+        self.mm_dgrad = mm_dgrad
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(
                 f"FusedConvReLU needs numeric zero padding, got padding={conv.padding!r}, "
@@ -208,6 +230,7 @@ class FusedConvReLU(nn.Module):
             [int(p) for p in padding],
             [int(d) for d in conv.dilation],
             int(conv.groups),
+            self.mm_dgrad,
         )
         return out
 
@@ -374,7 +397,7 @@ def _is_1x1(conv: nn.Conv2d) -> bool:
     return tuple(conv.kernel_size) == (1, 1) and conv.groups == 1 and tuple(conv.padding) == (0, 0)
 
 
-def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, max_pool: bool) -> int:
+def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_pool: bool) -> int:
     """Rewrite conv(→Identity)→(+ z)→relu patterns (and, as asked, 1×1 convs and 3×3/2 max pools)
     in place; returns how many modules were replaced."""
     fused = 0
@@ -401,7 +424,9 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, max_pool: bool) -> int:
         assert isinstance(conv, nn.Conv2d)
         name = f"{str(conv_node.target).replace('.', '_')}_fused_relu"
         module: nn.Module = (
-            Conv1x1Matmul(conv, relu=True) if matmul_1x1 and _is_1x1(conv) else FusedConvReLU(conv)
+            Conv1x1Matmul(conv, relu=True)
+            if matmul_1x1 and _is_1x1(conv)
+            else FusedConvReLU(conv, mm_dgrad=mm_dgrad)
         )
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(relu):
@@ -447,6 +472,7 @@ def fuse_conv_relu(
     example: Tensor,
     *,
     matmul_1x1: bool = False,
+    mm_dgrad: bool = False,
     max_pool: bool = True,
     rtol: float = 1e-4,
 ) -> nn.Module:
@@ -454,14 +480,19 @@ def fuse_conv_relu(
     :class:`FusedConvReLU`.
 
     matmul_1x1: 1×1 convolutions become :class:`Conv1x1Matmul` instead (with their ReLU and
-    residual where they have one), for a compiler that fuses GEMM epilogues. max_pool: 3×3/2
+    residual where they have one), for a compiler that fuses GEMM epilogues. mm_dgrad: the fused
+    1×1 stride-1 convolutions keep cuDNN's forward but take their input gradient as a matmul
+    (:func:`conv_bias_relu`), so the compiler can fuse the backward's ReLU masks and residual
+    sums into that GEMM. max_pool: 3×3/2
     max pools (the ResNet stem's) become :class:`MaxPool3x3s2`. example: (B, C, H, W) input on the
     model's device; the copy must compute the same function on it in fp32 (relative error ≤ rtol,
     else ValueError). Returns the copy even when nothing was replaced.
     """
     if model.training:
         raise ValueError(f"fuse_conv_relu needs an eval-mode model; {type(model).__name__} is not")
-    fused, _ = _fuse_module(copy.deepcopy(model), matmul_1x1=matmul_1x1, max_pool=max_pool)
+    fused, _ = _fuse_module(
+        copy.deepcopy(model), matmul_1x1=matmul_1x1, mm_dgrad=mm_dgrad, max_pool=max_pool
+    )
     check_same_function(model, fused, example, rtol=rtol, what="fusing conv and ReLU")
     return fused
 

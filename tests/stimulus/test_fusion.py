@@ -109,6 +109,61 @@ def test_fx_rewrite_fuses_resnet_blocks_and_keeps_function_and_input_gradient() 
     assert float((z1.grad - z3.grad).norm() / z1.grad.norm()) < 1e-10
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_matmul_input_gradient_of_a_1x1_conv_equals_the_data_gradient_convolution(
+    channels_last: bool, residual: bool
+) -> None:
+    g = torch.Generator().manual_seed(int(channels_last) * 2 + int(residual))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x0 = torch.randn(3, 8, 5, 6, generator=g, dtype=torch.float64).to(memory_format=fmt)
+    w = torch.randn(4, 8, 1, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    z0 = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) if residual else None
+    upstream = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    grads = []
+    for mm in (False, True):
+        x = x0.clone().requires_grad_(True)
+        z = None if z0 is None else z0.clone().requires_grad_(True)
+        out = conv_bias_relu(x, w, b, z, [1, 1], [0, 0], [1, 1], 1, mm)
+        (out * upstream).sum().backward()
+        assert x.grad is not None
+        grads.append((out.detach(), x.grad, None if z is None else z.grad))
+    (y0, gx0, gz0), (y1, gx1, gz1) = grads
+    assert torch.equal(y0, y1)
+    assert float((gx0 - gx1).abs().max()) < 1e-12 < float(gx0.abs().max())
+    assert (gz0 is None) == (gz1 is None)
+    if gz0 is not None and gz1 is not None:
+        assert torch.equal(gz0, gz1)
+    x = x0.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: conv_bias_relu(t, w, b, z0, [1, 1], [0, 0], [1, 1], 1, True), (x,)
+    )
+
+
+def test_mm_dgrad_rewrite_of_resnet50_keeps_function_and_input_gradient() -> None:
+    model = ITModel.build("resnet50", 4, layer="layer2", input_hw=(32, 32), seed=0)
+    model = model.eval().double()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)).double()
+    folded = fold_batchnorm(model, x)
+    plain = fuse_conv_relu(folded, x)
+    mm = fuse_conv_relu(folded, x, mm_dgrad=True)
+    pointwise = [
+        m
+        for m in mm.modules()
+        if isinstance(m, FusedConvReLU) and m.conv.kernel_size == (1, 1) and m.conv.stride == (1, 1)
+    ]
+    assert len(pointwise) >= 10  # conv1 and conv3 of each bottleneck
+    assert all(m.mm_dgrad for m in pointwise)
+    z1 = x.clone().requires_grad_(True)
+    z2 = x.clone().requires_grad_(True)
+    plain(z1)[:, 1].sum().backward()
+    mm(z2)[:, 1].sum().backward()
+    assert z1.grad is not None
+    assert z2.grad is not None
+    assert float((z1.grad - z2.grad).norm() / z1.grad.norm()) < 1e-12
+
+
 class _SharedConv(nn.Module):
     """The conv's output feeds the ReLU and is also returned: fusing would lose it."""
 
