@@ -348,7 +348,7 @@ def test_rows_are_validated_with_the_offending_value() -> None:
 
 
 def test_config_refuses_unknown_1x1_modes_and_cpu_gemm_templates() -> None:
-    with pytest.raises(ValueError, match="matmul_1x1 must be one of .* got 'gemm'"):
+    with pytest.raises(ValueError, match=r"matmul_1x1 must be one of .* got 'gemm'"):
         AttackConfig(matmul_1x1="gemm")
     engine = AttackEngine(TinyConvNet(n_sites=2, seed=0), AttackConfig(gemm_templates=True))
     with pytest.raises(ValueError, match="Triton GEMMs for CUDA; the batch is on cpu"):
