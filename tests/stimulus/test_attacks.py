@@ -353,3 +353,13 @@ def test_config_refuses_unknown_1x1_modes_and_cpu_gemm_templates() -> None:
     engine = AttackEngine(TinyConvNet(n_sites=2, seed=0), AttackConfig(gemm_templates=True))
     with pytest.raises(ValueError, match="Triton GEMMs for CUDA; the batch is on cpu"):
         engine.prepare(torch.rand(2, *SHAPE))
+
+
+def test_results_of_a_cpu_run_are_copied_as_they_are() -> None:
+    k = torch.randint(-255, 256, (2, 3, 4, 4), dtype=torch.int16)
+    f = torch.randn(4)[::2]
+    host_k, host_f = attacks_module._to_host(k, f)
+    assert torch.equal(host_k, k)
+    assert torch.equal(host_f, f)
+    assert host_k.dtype == torch.int16
+    assert host_f.shape == (2,)

@@ -125,3 +125,17 @@ def test_cuda_fused_conv_relu_matches_the_composition(residual: bool) -> None:
     assert xa.grad is not None
     assert xr.grad is not None
     assert float((xa.grad.float() - xr.grad).norm() / xr.grad.norm()) < 2e-2
+
+
+def test_cuda_results_come_to_the_host_through_page_locked_buffers() -> None:
+    from itloop.stimulus.attacks import _to_host
+
+    k = torch.randint(-255, 256, (4, 3, 8, 8), dtype=torch.int16, device="cuda")
+    f = torch.randn(4, device="cuda")[::2]  # not contiguous
+    host_k, host_f, plain = _to_host(k, f, torch.arange(3))
+    assert host_k.device.type == host_f.device.type == "cpu"
+    assert host_k.is_pinned()
+    assert host_f.is_pinned()
+    assert torch.equal(host_k, k.cpu())
+    assert torch.equal(host_f, f.cpu())
+    assert torch.equal(plain, torch.arange(3))
