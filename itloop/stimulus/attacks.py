@@ -188,6 +188,18 @@ class AttackResult:
 _RESULT_FIELDS = tuple(AttackResult.__dataclass_fields__)
 
 
+def group_keys(result: AttackResult) -> np.ndarray:
+    """(R, 3) float64 (image, site, ε) of each row: the rows of one key compete for one stimulus."""
+    return np.stack(
+        [
+            result.image_index.numpy().astype(np.float64),
+            result.site_index.numpy().astype(np.float64),
+            result.eps_l2.numpy().astype(np.float64),
+        ],
+        axis=1,
+    )
+
+
 def select_largest_change(result: AttackResult) -> AttackResult:
     """Per (image, site, ε), the row (sign, restart) with the largest predicted |f(x + δ) − f(x)|.
 
@@ -195,13 +207,11 @@ def select_largest_change(result: AttackResult) -> AttackResult:
     """
     if len(result) == 0:
         return result
-    img = result.image_index.numpy()
-    site = result.site_index.numpy()
-    eps = result.eps_l2.numpy()
+    keys = group_keys(result)
     change = result.predicted_change.abs().double().numpy()
     n = len(result)
-    order = np.lexsort((np.arange(n), -change, eps, site, img))
-    keys = np.stack([img[order], site[order], eps[order]], axis=1)
+    order = np.lexsort((np.arange(n), -change, keys[:, 2], keys[:, 1], keys[:, 0]))
+    keys = keys[order]
     first = np.ones(n, dtype=bool)
     first[1:] = np.any(keys[1:] != keys[:-1], axis=1)
     kept = np.sort(order[first])
@@ -636,8 +646,6 @@ def _to_host(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Copies of ``tensors`` in host memory; from CUDA through page-locked buffers, all copies
     queued before one wait (a pageable copy of a batch's 8-bit perturbations, 154 MB at batch 512,
     is several times slower)."""
-    if not any(t.is_cuda for t in tensors):
-        return tuple(t.cpu() for t in tensors)
     out = []
     devices = set()
     for t in tensors:

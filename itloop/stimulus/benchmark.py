@@ -33,7 +33,7 @@ from itloop.stimulus.attacks import (
     AttackResult,
     AttackRows,
 )
-from itloop.stimulus.images import sha256_hex
+from itloop.stimulus.images import write_png_bytes
 from itloop.stimulus.pipeline import PngWriter, attack_and_store, png_workers
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
@@ -310,21 +310,6 @@ def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, 
     return rows[: args.profile]
 
 
-def _file_store(directory: Path) -> Callable[[bytes], str]:
-    """A put for PngWriter as the server's content store does it: one fsync'd file per sha256."""
-
-    def put(data: bytes) -> str:
-        digest = sha256_hex(data)
-        path = directory / digest
-        with open(path, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        return digest
-
-    return put
-
-
 def _lab_day(
     engine: AttackEngine,
     args: argparse.Namespace,
@@ -353,7 +338,7 @@ def _lab_day(
     workers = png_workers()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        PngWriter(_file_store(Path(tmp)), workers=workers) as writer,
+        PngWriter(lambda data: write_png_bytes(data, Path(tmp))[0], workers=workers) as writer,
     ):
         _sync(device)
         t0 = time.perf_counter()

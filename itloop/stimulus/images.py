@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["decode_png", "encode_png", "load_image", "read_png", "sha256_hex", "write_png"]
+__all__ = [
+    "decode_png",
+    "encode_png",
+    "load_image",
+    "read_png",
+    "sha256_hex",
+    "write_png",
+    "write_png_bytes",
+]
 
 PNG_COMPRESS_LEVEL = 1
 """zlib level for stimuli: lossless at any level; 1 writes ~4× faster than 6 for ~10 % more bytes.
@@ -66,13 +74,21 @@ def sha256_hex(data: bytes) -> str:
 
 def write_png(levels: Tensor, directory: Path) -> tuple[str, Path]:
     """(3, H, W) uint8 levels -> (sha256, path) of ``directory/<sha256>.png``, atomically."""
-    data = encode_png(levels)
+    return write_png_bytes(encode_png(levels), directory)
+
+
+def write_png_bytes(data: bytes, directory: Path) -> tuple[str, Path]:
+    """PNG bytes -> (sha256, path) of ``directory/<sha256>.png``: written to a temporary file,
+    synced to disk, then renamed (idempotent: an existing file is kept)."""
     digest = sha256_hex(data)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{digest}.png"
     if not path.exists():
         tmp = directory / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         tmp.replace(path)
     return digest, path
 

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from itloop.stimulus.attacks import AttackEngine, AttackResult, AttackRows, select_largest_change
+from itloop.stimulus.attacks import (
+    AttackEngine,
+    AttackResult,
+    AttackRows,
+    group_keys,
+    select_largest_change,
+)
 from itloop.stimulus.images import encode_png
 from itloop.stimulus.quantisation import from_levels
 from itloop.stimulus.sharding import world
@@ -39,8 +45,9 @@ class PngWriter:
 
     ``submit`` returns at once; ``results`` waits for everything submitted and returns the content
     addresses in submission order. At most ``max_pending`` images wait at a time (submit blocks on
-    the oldest beyond that), so a slow disk cannot pile a day's stimuli up in memory. The first
-    error of a worker is raised by the next ``submit`` or by ``results``.
+    the oldest beyond that), so a slow disk cannot pile a day's stimuli up in memory. A failed
+    write is raised where its result is collected: by ``results``, or by a ``submit`` waiting on
+    it.
     """
 
     def __init__(self, put: Put, *, workers: int | None = None, max_pending: int = 4096) -> None:
@@ -96,17 +103,6 @@ class KeptStimuli:
     sha256: list[str]
 
 
-def _keys(result: AttackResult) -> np.ndarray:
-    return np.stack(
-        [
-            result.image_index.numpy().astype(np.float64),
-            result.site_index.numpy().astype(np.float64),
-            result.eps_l2.numpy(),
-        ],
-        axis=1,
-    )
-
-
 def attack_and_store(
     engine: AttackEngine,
     clean_levels: Tensor,
@@ -146,7 +142,7 @@ def attack_and_store(
     for part in engine.run_batches(images, rows, generator=generator):
         if carry is not None:
             part = AttackResult.concat([carry, part])
-        keys = _keys(part)
+        keys = group_keys(part)
         trailing = np.all(keys == keys[-1], axis=1)[::-1]
         # the last group may go on in the next batch: hold it back
         n_open = len(part) if trailing.all() else int(np.argmin(trailing))
@@ -156,7 +152,7 @@ def attack_and_store(
     if carry is not None:
         keep(carry)
     result = AttackResult.concat(kept)
-    if len(np.unique(_keys(result), axis=0)) != len(result):
+    if len(np.unique(group_keys(result), axis=0)) != len(result):
         raise ValueError(
             "rows of one (image, site, ε) are not consecutive: order them as AttackRows.grid does"
         )

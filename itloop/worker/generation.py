@@ -211,7 +211,6 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     px = plan["input_px"]
     clean = torch.stack([load_image(a["path"], size_hw=(px, px)) for a in work])
     clean_levels = to_levels(clean)
-    clean_q = from_levels(clean_levels)
     eps = plan["eps_l2"]
     engine = _engine(plan["model_version_id"], plan["steps"], device, store)
     generator = torch.Generator(device="cpu").manual_seed(plan["seed"] * 1000 + chunk)
@@ -223,12 +222,13 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
         kept = attack_and_store(
             engine, clean_levels, rows, generator=generator, writer=writer, device=device
         )
-        f_clean_all = engine.predict(clean_q.to(device), readout.to(device)).cpu()
+        result = kept.result
+        f_clean_all = torch.empty(len(work))  # f(x) of each image at its site, from the run
+        f_clean_all[result.image_index] = result.f_clean
         controls = _controls(
             plan, work, clean_levels, f_clean_all, engine, readout, writer, chunk, device
         )
         sha = writer.results()
-    result = kept.result
 
     out: list[dict[str, Any]] = []
     for i, a in enumerate(work):
