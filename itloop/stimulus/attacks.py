@@ -256,6 +256,9 @@ class AttackConfig:
     of δ (ResNet's 7×7/2 on 3 channels becomes 4×4/1 on 12), which tensor cores take well.
     fuse_conv_relu: each Conv2d → (+ residual) → ReLU of the loop's copy runs as one cuDNN kernel
     (:mod:`itloop.stimulus.fusion`); on the CPU the fused op is the plain composition.
+    fuse_blocks: with fuse_conv_relu, each BatchNorm-folded ResNet bottleneck runs as one op whose
+    backward fuses the ReLU masks and residual sums into cuDNN data-gradient convolutions
+    (:mod:`itloop.stimulus.blocks`); only with matmul_1x1 "none".
     matmul_1x1: how 1×1 convolutions run: "none" (cuDNN, fused with bias, residual and ReLU),
     "dgrad" (that forward, with the input gradient of the stride-1 ones as a matmul that a
     compiler can fuse the backward's ReLU masks and residual sums into) or "all" (forward and
@@ -282,6 +285,7 @@ class AttackConfig:
     stem_channel_multiple: int = 8
     stem_space_to_depth: bool = True
     fuse_conv_relu: bool = True
+    fuse_blocks: bool = True
     matmul_1x1: str = "none"
     gemm_templates: bool = False
 
@@ -366,6 +370,7 @@ class AttackEngine:
                 probe,
                 matmul_1x1=cfg.matmul_1x1 == "all",
                 mm_dgrad=cfg.matmul_1x1 == "dgrad",
+                blocks=cfg.fuse_blocks and cfg.matmul_1x1 == "none",
             )
         for p in fast.parameters():
             p.requires_grad_(False)

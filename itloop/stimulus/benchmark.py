@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from itloop.stimulus import cudnn_graphs
 from itloop.stimulus.attacks import (
     MATMUL_1X1,
     AttackConfig,
@@ -33,6 +34,7 @@ from itloop.stimulus.attacks import (
     AttackResult,
     AttackRows,
 )
+from itloop.stimulus.blocks import count_blocks
 from itloop.stimulus.images import write_png_bytes
 from itloop.stimulus.pipeline import PngWriter, attack_and_store, png_workers
 from itloop.stimulus.precision import conv_fp32_precision
@@ -97,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="conv + bias (+ residual) + ReLU as one cuDNN kernel (default) or separate kernels",
+    )
+    p.add_argument(
+        "--fuse-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ResNet bottlenecks as one op each, whose backward fuses ReLU masks and residual sums "
+        "into cuDNN data-gradient convolutions (default) or autograd's composition",
     )
     p.add_argument(
         "--gemm-templates",
@@ -471,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_mode=args.compile_mode,
         split_first_conv=args.split_first_conv,
         fuse_conv_relu=args.fuse_conv_relu,
+        fuse_blocks=args.fuse_blocks,
         matmul_1x1=args.matmul_1x1,
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
@@ -516,6 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cudnn_conv_fp32_precision": conv_fp32_precision(),
         "fold_batchnorm": args.fold_bn,
         "fuse_conv_relu": config.fuse_conv_relu,
+        "fused_blocks": count_blocks(engine.prepare(x)),
+        "block_backward": (
+            "cuDNN graph API: dgrad with residual sum and ReLU mask as its epilogue"
+            if cuda and cudnn_graphs.frontend_error() is None
+            else f"composed ({cudnn_graphs.frontend_error() or 'not on CUDA'})"
+        ),
         "matmul_1x1": config.matmul_1x1,
         "gemm_templates": config.gemm_templates,
         "channels_last": args.channels_last,
@@ -527,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }
+    if cuda and count_blocks(engine.prepare(x)):
+        ours["config"]["dgrad_plans"] = cudnn_graphs.plans()
     if args.profile > 0:
         out_profile = _profile(lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, steps=3), args)
         ours["profile_top_kernels"] = out_profile

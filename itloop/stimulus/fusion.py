@@ -105,16 +105,31 @@ def conv_bias_relu(
     matmul over channels (which a compiler can fuse the ReLU masks around) instead of a
     data-gradient convolution; the same numbers either way.
     """
+    return _conv_bias_relu_impl(x, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def _conv_bias_relu_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """The forward of :func:`conv_bias_relu`: one cuDNN kernel where cuDNN fuses it."""
+    st, pad, dil = list(stride), list(padding), list(dilation)
     fmt = _memory_format(x)
     if cudnn_fusable(x, weight):
         if residual is None:
-            y = torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+            y = torch.cudnn_convolution_relu(x, weight, bias, st, pad, dil, groups)
         else:
             y = torch.cudnn_convolution_add_relu(
-                x, weight, residual, 1.0, bias, stride, padding, dilation, groups
+                x, weight, residual, 1.0, bias, st, pad, dil, groups
             )
     else:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = F.conv2d(x, weight, bias, st, pad, dil, groups)
         if residual is not None:
             y = y + residual
         y = torch.relu(y)
@@ -346,9 +361,15 @@ _RELU_FUNCTIONS: tuple[Callable[..., Any], ...] = (F.relu, torch.relu)
 _ADD_FUNCTIONS: tuple[Callable[..., Any], ...] = (operator.add, operator.iadd, torch.add)
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    from itloop.stimulus.blocks import FusedBottleneck  # blocks builds on this module
+
+    return isinstance(m, (*_LEAVES, FusedBottleneck))
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, module_qualified_name)
+        return _is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -450,7 +471,7 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_poo
 
 def _fuse_module(module: nn.Module, **options: bool) -> tuple[nn.Module, int]:
     """(module with its conv-ReLU patterns fused, how many); untraceable modules by children."""
-    if isinstance(module, _LEAVES):
+    if _is_leaf(module):
         return module, 0
     try:
         graph = _Tracer().trace(module)
@@ -474,6 +495,7 @@ def fuse_conv_relu(
     matmul_1x1: bool = False,
     mm_dgrad: bool = False,
     max_pool: bool = True,
+    blocks: bool = False,
     rtol: float = 1e-4,
 ) -> nn.Module:
     """A copy of eval-mode ``model`` in which each Conv2d → ReLU (and Conv2d → + z → ReLU) is one
@@ -483,16 +505,21 @@ def fuse_conv_relu(
     residual where they have one), for a compiler that fuses GEMM epilogues. mm_dgrad: the fused
     1×1 stride-1 convolutions keep cuDNN's forward but take their input gradient as a matmul
     (:func:`conv_bias_relu`), so the compiler can fuse the backward's ReLU masks and residual
-    sums into that GEMM. max_pool: 3×3/2
-    max pools (the ResNet stem's) become :class:`MaxPool3x3s2`. example: (B, C, H, W) input on the
+    sums into that GEMM. max_pool: 3×3/2 max pools (the ResNet stem's) become
+    :class:`MaxPool3x3s2`. blocks: BatchNorm-folded ResNet bottlenecks become
+    :class:`~itloop.stimulus.blocks.FusedBottleneck` (one op each, whose backward fuses ReLU masks
+    and residual sums into cuDNN data-gradient convolutions). example: (B, C, H, W) input on the
     model's device; the copy must compute the same function on it in fp32 (relative error ≤ rtol,
     else ValueError). Returns the copy even when nothing was replaced.
     """
     if model.training:
         raise ValueError(f"fuse_conv_relu needs an eval-mode model; {type(model).__name__} is not")
-    fused, _ = _fuse_module(
-        copy.deepcopy(model), matmul_1x1=matmul_1x1, mm_dgrad=mm_dgrad, max_pool=max_pool
-    )
+    fused = copy.deepcopy(model)
+    if blocks:
+        from itloop.stimulus.blocks import fuse_bottlenecks
+
+        fuse_bottlenecks(fused)
+    fused, _ = _fuse_module(fused, matmul_1x1=matmul_1x1, mm_dgrad=mm_dgrad, max_pool=max_pool)
     check_same_function(model, fused, example, rtol=rtol, what="fusing conv and ReLU")
     return fused
 

@@ -116,7 +116,7 @@ def test_cuda_fused_conv_relu_matches_the_composition(residual: bool) -> None:
     with exact_fp32():
         ref = torch.nn.functional.conv2d(x.float(), w.float(), b.float(), 2, 1)
         ref = torch.relu(ref if z is None else ref + z.float())
-    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    assert float((out.detach().float() - ref).norm() / ref.norm()) < 1e-2
     gout = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
     out.backward(gout)
     xr = x.float().requires_grad_(True)
@@ -139,3 +139,78 @@ def test_cuda_results_come_to_the_host_through_page_locked_buffers() -> None:
     assert torch.equal(host_k, k.cpu())
     assert torch.equal(host_f, f.cpu())
     assert torch.equal(plain, torch.arange(3))
+
+
+def _cudnn_graphs_or_skip() -> None:
+    from itloop.stimulus import cudnn_graphs
+
+    why = cudnn_graphs.frontend_error()
+    if why is not None:
+        pytest.skip(f"cuDNN graph API unavailable: {why}")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "residual", "relu_mask"),
+    [(3, 1, False, True), (1, 1, True, True), (3, 2, False, True), (1, 1, True, False)],
+)
+def test_cuda_dgrad_epilogue_matches_the_composition(
+    kernel: int, stride: int, residual: bool, relu_mask: bool
+) -> None:
+    _cudnn_graphs_or_skip()
+    from itloop.stimulus import cudnn_graphs
+    from itloop.stimulus.blocks import conv_input_grad
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cl = torch.channels_last
+    pad = kernel // 2
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*shape, device="cuda", generator=g) * scale
+        return t.bfloat16().contiguous(memory_format=cl)
+
+    x = rnd(16, 64, 28, 28)
+    w = rnd(96, 64, kernel, kernel, scale=0.05)
+    ho = (28 + 2 * pad - kernel) // stride + 1
+    dy = rnd(16, 96, ho, ho)
+    r = rnd(16, 64, 28, 28) if residual else None
+    out = conv_input_grad(dy, w, x, r, [stride] * 2, [pad] * 2, [1, 1], 1, relu_mask)
+    assert out.shape == x.shape
+    assert out.is_contiguous(memory_format=cl)
+    built = [p for p in cudnn_graphs.plans() if p["input"] == list(x.shape)]
+    assert built
+    assert all(p["plan"] is not None for p in built), built
+    with exact_fp32():
+        xr = x.float().requires_grad_(True)
+        y = torch.nn.functional.conv2d(xr, w.float(), None, stride, pad)
+        (ref,) = torch.autograd.grad(y, xr, dy.float())
+        if r is not None:
+            ref = ref + r.float()
+        if relu_mask:
+            ref = torch.where(x > 0, ref, torch.zeros_like(ref))
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    if relu_mask:  # the mask is exact: zero wherever the input is not positive
+        assert bool((out[x <= 0] == 0).all())
+
+
+def test_cuda_fused_blocks_keep_the_input_gradient() -> None:
+    _cudnn_graphs_or_skip()
+    from itloop.models import ITModel
+    from itloop.stimulus.blocks import count_blocks
+
+    model = ITModel.build("resnet50", 8, input_hw=(96, 96), seed=0).cuda().eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(6, 3, 96, 96, device="cuda", generator=g)
+    site = torch.arange(6, device="cuda") % 8
+    sign = torch.tensor([1.0, -1.0] * 3, device="cuda")
+    grads = []
+    for fuse_blocks in (True, False):
+        engine = AttackEngine(model, AttackConfig(fuse_blocks=fuse_blocks, batch_size=6))
+        fast = engine.prepare(x)
+        assert count_blocks(fast) == (14 if fuse_blocks else 0)
+        engine._set_reference(x)
+        grad, _ = engine._grad(x, site, sign)
+        grads.append(grad.float())
+    fused, plain = grads
+    cos = torch.nn.functional.cosine_similarity(fused.flatten(1), plain.flatten(1), dim=1)
+    assert float(cos.min()) > 0.99, cos
+    assert float((fused - plain).norm() / plain.norm()) < 0.1
