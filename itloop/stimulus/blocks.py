@@ -177,7 +177,12 @@ def bottleneck(
     """
     a1 = _conv_bias_relu_impl(x, w1, b1, None, _ONE, _ZERO, _ONE, 1)
     a2 = _conv_bias_relu_impl(a1, w2, b2, None, stride, padding, dilation, groups)
-    identity = x if wd is None else F.conv2d(x, wd, bd, stride_d)
+    if wd is None:
+        identity = x
+    else:  # the downsample's bias joins c3's, added in the fused epilogue (not a pass of its own)
+        identity = F.conv2d(x, wd, None, stride_d)
+        if bd is not None:
+            b3 = b3 + bd
     out = _conv_bias_relu_impl(a2, w3, b3, identity, _ONE, _ZERO, _ONE, 1)
     return out, a1, a2
 

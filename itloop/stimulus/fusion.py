@@ -456,17 +456,42 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_poo
         relu.replace_all_uses_with(new)
         fused += 1
     gm.graph.eliminate_dead_code()
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         mod = _module(gm, node)
         if matmul_1x1 and type(mod) is nn.Conv2d and _is_1x1(mod):
             replace_submodule(gm, str(node.target), Conv1x1Matmul(mod, relu=False))
             fused += 1
         elif max_pool and mod is not None and _is_resnet_pool(mod):
             replace_submodule(gm, str(node.target), MaxPool3x3s2())
+            _pool_before_relu(gm, node)
             fused += 1
+    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return fused
+
+
+def _pool_before_relu(gm: fx.GraphModule, pool: fx.Node) -> None:
+    """maxpool(relu(y)) -> relu(maxpool(y)) where the ReLU feeds only the pool.
+
+    The same values (max is monotone), and the same gradient: a window whose maximum is positive
+    picks the same input either way, one whose maximum is not has a zero gradient either way. The
+    pool then keeps no full-resolution activation for the ReLU's backward: its mask is the pooled
+    output's, a quarter of the size.
+    """
+    relu = pool.args[0]
+    if not (
+        isinstance(relu, fx.Node)
+        and _is_relu(gm, relu)
+        and len(relu.users) == 1
+        and isinstance(relu.args[0], fx.Node)
+    ):
+        return
+    pool.args = (relu.args[0], *pool.args[1:])
+    with gm.graph.inserting_after(pool):
+        after = gm.graph.call_function(torch.relu, (pool,))
+    pool.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+    gm.graph.erase_node(relu)
 
 
 def _fuse_module(module: nn.Module, **options: bool) -> tuple[nn.Module, int]:

@@ -238,6 +238,28 @@ def test_max_pool_matches_pytorch_in_value_and_gradient(
     assert torch.equal(a.grad, b.grad)  # ties go to the same (first) input as in PyTorch
 
 
+def test_relu_before_the_pool_moves_after_it_with_the_same_values_and_gradient() -> None:
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    stem = stem.double().eval()
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64)
+    x[0, :, :5, :5] = -3.0  # windows whose maximum is not positive
+    fused = fuse_conv_relu(stem, x)
+    pool = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == "3")
+    assert [u.target for u in pool.users] == [torch.relu]  # the ReLU now follows the pool
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = fused(a), stem(b)
+    assert torch.equal(out.detach(), ref.detach())
+    assert float((ref == 0).double().mean()) > 0.02  # windows with no positive value are there
+    go = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(go)
+    ref.backward(go)
+    assert a.grad is not None
+    assert b.grad is not None
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_compiled_engine_with_the_fused_resnet_stem_matches_eager() -> None:
     """The whole compiled loop (fused convs, the max pool's own backward, the fused step) gives
