@@ -237,6 +237,9 @@ def _bottleneck_backward(
     g = grad
     if not ctx.grad_premasked:
         g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    # in the block's layout: a gradient from a readout often arrives NCHW, and a transposing copy
+    # inside each convolution that reads it is far slower than writing it so here
+    g = g.contiguous(memory_format=_memory_format(out))
     g2 = conv_input_grad(g, w3, a2, None, _ONE, _ZERO, _ONE, 1, True)
     g1 = conv_input_grad(g2, w2, a1, None, stride, padding, dilation, groups, True)
     if wd is None:

@@ -170,6 +170,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     stride, padding, dilation, groups = ctx.conv
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     g = torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    g = g.contiguous(memory_format=_memory_format(y))  # the layout the data gradient reads
     gx = gw = gb = None
     if ctx.mm_dgrad and need_x and not (need_w or need_b):
         # (B, O, H, W) -> (B, H, W, O) @ (O, C) -> (B, H, W, C): one GEMM over channels_last rows
