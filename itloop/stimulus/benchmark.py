@@ -515,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ours: {ours['image_steps_per_s']} image-steps/s, {ours['tflops']} TFLOP/s",
         file=sys.stderr,
     )
+    n_blocks = count_blocks(engine.prepare(x))
     ours["config"] = {
         "autocast": "bf16" if dtype else "fp32",
         "first_conv": (
@@ -526,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cudnn_conv_fp32_precision": conv_fp32_precision(),
         "fold_batchnorm": args.fold_bn,
         "fuse_conv_relu": config.fuse_conv_relu,
-        "fused_blocks": count_blocks(engine.prepare(x)),
+        "fused_blocks": n_blocks,
         "block_backward": (
             "cuDNN graph API: dgrad with residual sum and ReLU mask as its epilogue"
             if cuda and cudnn_graphs.frontend_error() is None
@@ -543,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }
-    if cuda and count_blocks(engine.prepare(x)):
+    if cuda and n_blocks:
         ours["config"]["dgrad_plans"] = cudnn_graphs.plans()
     if args.profile > 0:
         out_profile = _profile(lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, steps=3), args)

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itloop.stimulus import cudnn_graphs
-from itloop.stimulus.fusion import _conv_bias_relu_impl, _memory_format, _out_hw
+from itloop.stimulus.fusion import (
+    _conv_bias_relu_impl,
+    _memory_format,
+    _out_hw,
+    op_dtype,
+    weight_and_bias,
+)
 
 __all__ = [
     "FusedBottleneck",
@@ -157,7 +163,6 @@ def bottleneck(
     w3: Tensor,
     b3: Tensor,
     wd: Tensor | None,
-    bd: Tensor | None,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -169,7 +174,8 @@ def bottleneck(
     """A folded bottleneck: ``relu(c3(relu(c2(relu(c1(x))))) + d(x))``; returns (out, a1, a2).
 
     c1, c3: 1×1 stride-1 convolutions (w1, b1; w3, b3); c2: w2, b2 with stride, padding, dilation,
-    groups; d: identity (wd None) or the 1×1 convolution wd, bd with stride_d. a1, a2 are the inner
+    groups; d: identity (wd None) or the bias-free 1×1 convolution wd with stride_d (its bias
+    belongs in b3, which the fused epilogue adds). a1, a2 are the inner
     activations, returned for the backward (not differentiable). relu_mask_input: the input gradient
     is masked by x > 0 (x is a ReLU output). grad_premasked: the incoming gradient is already masked
     by out > 0 (its only consumer masked it). Forward convolutions fuse bias, residual and ReLU in
@@ -177,12 +183,7 @@ def bottleneck(
     """
     a1 = _conv_bias_relu_impl(x, w1, b1, None, _ONE, _ZERO, _ONE, 1)
     a2 = _conv_bias_relu_impl(a1, w2, b2, None, stride, padding, dilation, groups)
-    if wd is None:
-        identity = x
-    else:  # the downsample's bias joins c3's, added in the fused epilogue (not a pass of its own)
-        identity = F.conv2d(x, wd, None, stride_d)
-        if bd is not None:
-            b3 = b3 + bd
+    identity = x if wd is None else F.conv2d(x, wd, None, stride_d)
     out = _conv_bias_relu_impl(a2, w3, b3, identity, _ONE, _ZERO, _ONE, 1)
     return out, a1, a2
 
@@ -197,7 +198,6 @@ def _bottleneck_fake(
     w3: Tensor,
     b3: Tensor,
     wd: Tensor | None,
-    bd: Tensor | None,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -217,8 +217,8 @@ def _bottleneck_fake(
 
 
 def _bottleneck_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, w1, _b1, w2, _b2, w3, _b3, wd, _bd = inputs[:9]
-    stride, padding, dilation, groups, stride_d, relu_mask_input, grad_premasked = inputs[9:]
+    x, w1, _b1, w2, _b2, w3, _b3, wd = inputs[:8]
+    stride, padding, dilation, groups, stride_d, relu_mask_input, grad_premasked = inputs[8:]
     out, a1, a2 = output
     ctx.save_for_backward(x, w1, w2, w3, wd, a1, a2, out)
     ctx.conv2 = (list(stride), list(padding), list(dilation), int(groups))
@@ -231,7 +231,7 @@ def _bottleneck_backward(
     ctx: Any, grad: Tensor, _grad_a1: Tensor | None, _grad_a2: Tensor | None
 ) -> tuple[Tensor | None, ...]:
     x, w1, w2, w3, wd, a1, a2, out = ctx.saved_tensors
-    if any(ctx.needs_input_grad[1:9]):
+    if any(ctx.needs_input_grad[1:8]):
         raise RuntimeError("bottleneck computes input gradients only; its weights must be frozen")
     stride, padding, dilation, groups = ctx.conv2
     g = grad
@@ -249,7 +249,7 @@ def _bottleneck_backward(
             g, x, wd, None, ctx.stride_d, _ZERO, _ONE, False, _ZERO, 1, [True, False, False]
         )[0]
     gx = conv_input_grad(g1, w1, x, path, _ONE, _ZERO, _ONE, 1, ctx.relu_mask_input)
-    return (gx,) + (None,) * 15
+    return (gx,) + (None,) * 14
 
 
 bottleneck.register_autograd(_bottleneck_backward, setup_context=_bottleneck_setup)
@@ -325,22 +325,15 @@ class FusedBottleneck(nn.Module):
             raise RuntimeError(
                 "FusedBottleneck computes input gradients only; its parameters require gradients"
             )
-        device_type = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else x.dtype
+        dtype = op_dtype(x)
+        (w1, b1), (w2, b2), (w3, b3) = (
+            weight_and_bias(c, dtype) for c in (self.conv1, self.conv2, self.conv3)
         )
-
-        def wb(conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
-            bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-            return conv.weight.to(dtype), bias.to(dtype)
-
-        (w1, b1), (w2, b2), (w3, b3) = wb(self.conv1), wb(self.conv2), wb(self.conv3)
-        wd = bd = None
+        wd = None
         stride_d = [1, 1]
-        if self.downsample is not None:
-            wd, bd = wb(self.downsample)
+        if self.downsample is not None:  # its bias joins c3's: one addition, in c3's epilogue
+            wd, bd = weight_and_bias(self.downsample, dtype)
+            b3 = b3 + bd
             stride_d = [int(s) for s in self.downsample.stride]
         c2 = self.conv2
         padding = c2.padding
@@ -355,7 +348,6 @@ class FusedBottleneck(nn.Module):
             w3,
             b3,
             wd,
-            bd,
             [int(s) for s in c2.stride],
             [int(p) for p in padding],
             [int(d) for d in c2.dilation],
@@ -370,15 +362,20 @@ class FusedBottleneck(nn.Module):
 def fuse_bottlenecks(model: nn.Module) -> int:
     """Replace, in place, every folded torchvision Bottleneck of ``model`` by a FusedBottleneck,
     then :func:`link_bottlenecks`; returns how many blocks were replaced."""
-    count = 0
-    for name, child in list(model.named_children()):
-        if _why_not_bottleneck(child) is None:
-            setattr(model, name, FusedBottleneck(child))
-            count += 1
-        else:
-            count += fuse_bottlenecks(child)
+    count = _replace_bottlenecks(model)
     if count:
         link_bottlenecks(model)
+    return count
+
+
+def _replace_bottlenecks(module: nn.Module) -> int:
+    count = 0
+    for name, child in list(module.named_children()):
+        if _why_not_bottleneck(child) is None:
+            setattr(module, name, FusedBottleneck(child))
+            count += 1
+        else:
+            count += _replace_bottlenecks(child)
     return count
 
 

@@ -208,6 +208,21 @@ def _is_pointwise_conv(
 conv_bias_relu.register_autograd(_backward, setup_context=_setup_context)
 
 
+def op_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a custom op's operands take: autocast's where it is on (custom ops are not
+    autocast-aware), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def weight_and_bias(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A convolution's weight and bias (zeros where it has none) in ``dtype``."""
+    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+    return conv.weight.to(dtype), bias.to(dtype)
+
+
 class FusedConvReLU(nn.Module):
     """``relu(conv(x) [+ residual])`` of a Conv2d, as one :func:`conv_bias_relu` call.
 
@@ -228,19 +243,14 @@ class FusedConvReLU(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """(B, C, H, W) input [+ (B, O, Ho, Wo) residual] -> (B, O, Ho, Wo) activation."""
         conv = self.conv
-        device_type = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else x.dtype
-        )
-        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+        dtype = op_dtype(x)
+        weight, bias = weight_and_bias(conv, dtype)
         padding = conv.padding
         assert not isinstance(padding, str)  # refused in __init__
         out: Tensor = conv_bias_relu(
             x.to(dtype),
-            conv.weight.to(dtype),
-            bias.to(dtype),
+            weight,
+            bias,
             None if residual is None else residual.to(dtype),
             [int(s) for s in conv.stride],
             [int(p) for p in padding],

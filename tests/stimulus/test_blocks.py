@@ -211,7 +211,6 @@ def test_refusals_name_what_is_wrong() -> None:
             )
         ),
         None,
-        None,
         [1, 1],
         [1, 1],
         [1, 1],
