@@ -40,11 +40,10 @@ from torch import Tensor, nn
 from itloop.stimulus import cudnn_graphs
 from itloop.stimulus.fusion import (
     _conv_bias_relu_impl,
-    _memory_format,
-    _out_hw,
     op_dtype,
     weight_and_bias,
 )
+from itloop.stimulus.precision import conv_output_hw, memory_layout
 
 __all__ = [
     "FusedBottleneck",
@@ -207,8 +206,8 @@ def _bottleneck_fake(
     grad_premasked: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     b, _, h, w = x.shape
-    fmt = _memory_format(x)
-    ho, wo = _out_hw(x, w2, stride, padding, dilation)
+    fmt = memory_layout(x)
+    ho, wo = conv_output_hw(x, w2, stride, padding, dilation)
 
     def new(c: int, hh: int, ww: int) -> Tensor:
         return torch.empty((b, c, hh, ww), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -239,7 +238,7 @@ def _bottleneck_backward(
         g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
     # in the block's layout: a gradient from a readout often arrives NCHW, and a transposing copy
     # inside each convolution that reads it is far slower than writing it so here
-    g = g.contiguous(memory_format=_memory_format(out))
+    g = g.contiguous(memory_format=memory_layout(out))
     g2 = conv_input_grad(g, w3, a2, None, _ONE, _ZERO, _ONE, 1, True)
     g1 = conv_input_grad(g2, w2, a1, None, stride, padding, dilation, groups, True)
     if wd is None:

@@ -35,6 +35,8 @@ from itloop.stimulus.precision import (
     Fp32Input,
     SplitStem,
     check_same_function,
+    conv_output_hw,
+    memory_layout,
     replace_submodule,
 )
 
@@ -62,27 +64,6 @@ def cudnn_fusable(x: Tensor, weight: Tensor) -> bool:
         and bool(torch.backends.cudnn.is_available())  # type: ignore[no-untyped-call]
         and torch.backends.cudnn.enabled
     )
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout the op gives its output: channels_last when the input is (and not also NCHW)."""
-    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _out_hw(
-    x: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> tuple[int, int]:
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    h, w = int(x.shape[2]), int(x.shape[3])
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
 
 
 @torch.library.custom_op("itloop::conv_bias_relu", mutates_args=())
@@ -120,7 +101,7 @@ def _conv_bias_relu_impl(
 ) -> Tensor:
     """The forward of :func:`conv_bias_relu`: one cuDNN kernel where cuDNN fuses it."""
     st, pad, dil = list(stride), list(padding), list(dilation)
-    fmt = _memory_format(x)
+    fmt = memory_layout(x)
     if cudnn_fusable(x, weight):
         if residual is None:
             y = torch.cudnn_convolution_relu(x, weight, bias, st, pad, dil, groups)
@@ -148,12 +129,12 @@ def _conv_bias_relu_fake(
     groups: int,
     mm_dgrad: bool = False,
 ) -> Tensor:
-    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    ho, wo = conv_output_hw(x, weight, stride, padding, dilation)
     return torch.empty(
         (x.shape[0], weight.shape[0], ho, wo),
         dtype=x.dtype,
         device=x.device,
-        memory_format=_memory_format(x),
+        memory_format=memory_layout(x),
     )
 
 
@@ -170,7 +151,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     stride, padding, dilation, groups = ctx.conv
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     g = torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    g = g.contiguous(memory_format=_memory_format(y))  # the layout the data gradient reads
+    g = g.contiguous(memory_format=memory_layout(y))  # the layout the data gradient reads
     gx = gw = gb = None
     if ctx.mm_dgrad and need_x and not (need_w or need_b):
         # (B, O, H, W) -> (B, H, W, O) @ (O, C) -> (B, H, W, C): one GEMM over channels_last rows

@@ -22,6 +22,7 @@ from itloop.stimulus import (
 )
 from itloop.stimulus import attacks as attacks_module
 from itloop.stimulus.fusion import FusedConvReLU
+from itloop.stimulus.precision import perturbation_conv
 
 from .toys import LinearSites, ReluSites, TinyConvNet, on_grid
 
@@ -219,6 +220,60 @@ def test_split_first_layer_gradient_matches_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         other = stem(x[:1])
     assert torch.allclose(other.float(), conv(x[:1]), atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "groups"),
+    [([1, 1], [0, 0], [1, 1], 1), ([2, 2], [3, 1], [1, 1], 1), ([1, 2], [1, 1], [2, 1], 2)],
+)
+def test_perturbation_conv_is_conv2d_with_its_input_gradient(
+    stride: list[int], padding: list[int], dilation: list[int], groups: int
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    delta = torch.randn(2, 4, 11, 10, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(6, 4 // groups, 3, 4, generator=g, dtype=torch.float64)
+    args = (stride, padding, dilation, groups)
+    out = perturbation_conv(delta, weight, *args)
+    ref = torch.nn.functional.conv2d(delta, weight, None, *args)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda d: perturbation_conv(d, weight, *args), (delta,))
+    torch.library.opcheck(perturbation_conv, (delta.detach(), weight, *args))
+
+
+def test_perturbation_conv_backward_reads_the_gradient_in_its_own_dtype_and_layout() -> None:
+    """Whatever layout the incoming gradient has, the data-gradient convolution gets it in the
+    convolution's layout (channels_last here) and dtype, converted in one pass before the call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[Tensor] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.convolution_backward.default:
+                seen.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(12)
+    conv = torch.nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    stem = SplitStem(conv).to(memory_format=cl)
+    x = on_grid(torch.rand(2, 3, 32, 32, generator=g)).contiguous(memory_format=cl)
+    stem.set_reference(x)
+    z = (x + 1e-3 * torch.randn(x.shape, generator=g)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stem(z)
+    upstream = torch.randn(out.shape, generator=g).contiguous()  # fp32, NCHW
+    with Spy():
+        out.backward(upstream.to(out.dtype))
+    (grad,) = seen
+    assert grad.dtype == torch.bfloat16
+    assert grad.is_contiguous(memory_format=cl)
+    assert not grad.is_contiguous()
+    assert z.grad is not None
+    zf = z.detach().clone().requires_grad_(True)
+    (conv(zf) * upstream).sum().backward()
+    assert zf.grad is not None
+    assert float((z.grad - zf.grad).norm() / zf.grad.norm()) < 0.01
 
 
 @pytest.mark.parametrize(

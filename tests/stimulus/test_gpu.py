@@ -78,6 +78,46 @@ def test_cuda_split_stem_keeps_the_perturbation() -> None:
     assert float((whole - exact).norm() / exact.norm()) > 0.05
 
 
+def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution() -> None:
+    """The stem's data-gradient convolution gets its gradient in its dtype and layout from the
+    compiled graph: cuDNN's entry point then copies nothing (an fp32 NCHW gradient cost two extra
+    passes over the full-resolution activation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from itloop.stimulus.fusion import max_pool_3x3_s2
+
+    cl = torch.channels_last
+    conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=True).cuda().requires_grad_(False)
+    stem = SplitStem(conv).to(memory_format=cl)
+    x = on_grid(torch.rand(16, 3, 96, 96, device="cuda")).contiguous(memory_format=cl)
+    stem.set_reference(x)
+    w = torch.randn(16, 64, 24, 24, device="cuda")
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return (torch.relu(max_pool_3x3_s2(stem(z))).float() * w).sum()
+
+    compiled = torch.compile(loss, dynamic=False)
+    z = (x + 1e-3 * torch.randn_like(x)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(compiled(z), z)  # compile and warm up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        (grad,) = torch.autograd.grad(compiled(z), z)
+        torch.cuda.synchronize()
+    convs = [e for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert convs
+
+    def descendants(e: object) -> list[str]:
+        out: list[str] = []
+        for child in getattr(e, "cpu_children", []):
+            out += [child.name, *descendants(child)]
+        return out
+
+    copies = [n for e in convs for n in descendants(e) if n in ("aten::copy_", "aten::_to_copy")]
+    assert copies == []
+    (want,) = torch.autograd.grad(loss(z), z)  # the same function, eager
+    assert float((grad - want).norm() / want.norm()) < 1e-2
+
+
 def test_cuda_projection_and_controls_match_cpu() -> None:
     g = torch.Generator().manual_seed(2)
     x = on_grid(torch.rand(8, 3, 32, 32, generator=g))
