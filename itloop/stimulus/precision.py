@@ -157,21 +157,20 @@ class SplitStem(nn.Module):
         # the weight's layout (channels_last after the loop's copy is converted) for δ and for
         # the gradient the backward reads
         delta = delta.to(dtype).contiguous(memory_format=memory_layout(weight))
-        if self.block > 1:
-            out: Tensor = perturbation_conv(delta, weight, [1, 1], [0, 0], [1, 1], 1)
-            return out
-        padding = conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":
-            direct: Tensor = conv._conv_forward(delta, weight, None)
-            return direct
-        out = perturbation_conv(
-            delta,
-            weight,
-            [int(v) for v in conv.stride],
-            [int(v) for v in padding],
-            [int(v) for v in conv.dilation],
-            int(conv.groups),
-        )
+        if self.block > 1:  # a stride-1, unpadded convolution of the blocks
+            geometry = ([1, 1], [0, 0], [1, 1], 1)
+        else:
+            padding = conv.padding
+            if isinstance(padding, str) or conv.padding_mode != "zeros":
+                direct: Tensor = conv._conv_forward(delta, weight, None)
+                return direct
+            geometry = (
+                [int(v) for v in conv.stride],
+                [int(v) for v in padding],
+                [int(v) for v in conv.dilation],
+                int(conv.groups),
+            )
+        out: Tensor = perturbation_conv(delta, weight, *geometry)
         return out
 
 

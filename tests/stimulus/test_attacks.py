@@ -240,6 +240,30 @@ def test_perturbation_conv_is_conv2d_with_its_input_gradient(
     torch.library.opcheck(perturbation_conv, (delta.detach(), weight, *args))
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv2d(3, 4, 3, padding="same", bias=False),
+        torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect", bias=False),
+        torch.nn.Conv2d(3, 4, 3, stride=1, padding=2, dilation=2, bias=False),
+    ],
+)
+def test_split_stem_perturbation_term_of_other_convolutions(conv: torch.nn.Conv2d) -> None:
+    stem = SplitStem(conv)
+    assert stem.block == 1
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(2, 3, 9, 8, generator=g)
+    delta = torch.randn(x.shape, generator=g, requires_grad=True)
+    stem.set_reference(x)
+    term = stem.perturbation_term(x + delta)
+    exact = conv._conv_forward(delta, conv.weight, None)
+    assert torch.allclose(term, exact, atol=1e-5)
+    w = torch.randn(term.shape, generator=g)
+    (got,) = torch.autograd.grad((term * w).sum(), delta)
+    (want,) = torch.autograd.grad((exact * w).sum(), delta)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_perturbation_conv_backward_reads_the_gradient_in_its_own_dtype_and_layout() -> None:
     """Whatever layout the incoming gradient has, the data-gradient convolution gets it in the
     convolution's layout (channels_last here) and dtype, converted in one pass before the call."""
