@@ -38,12 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itloop.stimulus import cudnn_graphs
-from itloop.stimulus.fusion import (
-    _conv_bias_relu_impl,
-    op_dtype,
-    weight_and_bias,
-)
-from itloop.stimulus.precision import conv_output_hw, memory_layout
+from itloop.stimulus.fusion import _conv_bias_relu_impl, weight_and_bias
+from itloop.stimulus.precision import conv_data_grad, conv_output_hw, memory_layout, op_dtype
 
 __all__ = [
     "FusedBottleneck",
@@ -69,19 +65,7 @@ def _composed_input_grad(
     groups: int,
     relu_mask: bool,
 ) -> Tensor:
-    gx: Tensor = torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        None,
-        list(stride),
-        list(padding),
-        list(dilation),
-        False,
-        [0, 0],
-        groups,
-        [True, False, False],
-    )[0]
+    gx = conv_data_grad(grad, x, weight, stride, padding, dilation, groups)
     if residual is not None:
         gx = gx + residual
     if relu_mask:
@@ -241,12 +225,7 @@ def _bottleneck_backward(
     g = g.contiguous(memory_format=memory_layout(out))
     g2 = conv_input_grad(g, w3, a2, None, _ONE, _ZERO, _ONE, 1, True)
     g1 = conv_input_grad(g2, w2, a1, None, stride, padding, dilation, groups, True)
-    if wd is None:
-        path = g
-    else:
-        path = torch.ops.aten.convolution_backward(
-            g, x, wd, None, ctx.stride_d, _ZERO, _ONE, False, _ZERO, 1, [True, False, False]
-        )[0]
+    path = g if wd is None else conv_data_grad(g, x, wd, ctx.stride_d, _ZERO, _ONE, 1)
     gx = conv_input_grad(g1, w1, x, path, _ONE, _ZERO, _ONE, 1, ctx.relu_mask_input)
     return (gx,) + (None,) * 14
 

@@ -37,6 +37,7 @@ from itloop.stimulus.precision import (
     check_same_function,
     conv_output_hw,
     memory_layout,
+    op_dtype,
     replace_submodule,
 )
 
@@ -187,15 +188,6 @@ def _is_pointwise_conv(
 
 
 conv_bias_relu.register_autograd(_backward, setup_context=_setup_context)
-
-
-def op_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a custom op's operands take: autocast's where it is on (custom ops are not
-    autocast-aware), else x's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def weight_and_bias(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -30,12 +30,14 @@ __all__ = [
     "Fp32Input",
     "SplitStem",
     "check_same_function",
+    "conv_data_grad",
     "conv_fp32_precision",
     "conv_output_hw",
     "exact_fp32",
     "first_conv",
     "keep_first_conv_fp32",
     "memory_layout",
+    "op_dtype",
     "perturbation_conv",
     "replace_submodule",
     "split_first_conv",
@@ -147,12 +149,7 @@ class SplitStem(nn.Module):
         extra = self.padded_channels - delta.shape[1]
         if extra:
             delta = torch.cat([delta, delta.new_zeros(delta.shape[0], extra, *delta.shape[2:])], 1)
-        device_type = delta.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else delta.dtype
-        )  # the custom op is not autocast-aware
+        dtype = op_dtype(delta)
         weight = self.weight_padded.to(dtype)
         # the weight's layout (channels_last after the loop's copy is converted) for δ and for
         # the gradient the backward reads
@@ -172,6 +169,42 @@ class SplitStem(nn.Module):
             )
         out: Tensor = perturbation_conv(delta, weight, *geometry)
         return out
+
+
+def op_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a custom op's operands take: autocast's where it is on (custom ops are not
+    autocast-aware), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def conv_data_grad(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """The gradient with respect to ``x`` of ``conv2d(x, weight)`` (no bias) for the output
+    gradient ``grad``: one data-gradient convolution, no weight gradient."""
+    gx: Tensor = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        groups,
+        [True, False, False],
+    )[0]
+    return gx
 
 
 def conv_output_hw(
@@ -247,20 +280,7 @@ def _perturbation_conv_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, 
         raise RuntimeError("perturbation_conv computes the input gradient only")
     stride, padding, dilation, groups = ctx.conv
     g = grad.to(delta.dtype).contiguous(memory_format=memory_layout(delta))
-    gx = torch.ops.aten.convolution_backward(
-        g,
-        delta,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [True, False, False],
-    )[0]
-    return gx, None, None, None, None, None
+    return conv_data_grad(g, delta, weight, stride, padding, dilation, groups), *(None,) * 5
 
 
 perturbation_conv.register_autograd(

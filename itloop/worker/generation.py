@@ -223,7 +223,7 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
             engine, clean_levels, rows, generator=generator, writer=writer, device=device
         )
         result = kept.result
-        f_clean_all = torch.empty(len(work))  # f(x) of each image at its site, from the run
+        f_clean_all = torch.full((len(work),), float("nan"))  # f(x) at its site, from the run
         f_clean_all[result.image_index] = result.f_clean
         controls = _controls(
             plan, work, clean_levels, f_clean_all, engine, readout, writer, chunk, device
