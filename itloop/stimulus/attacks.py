@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from itloop.stimulus.constraints import project_l2_box_rows
+from itloop.stimulus.constraints import project_l2_box_step
 from itloop.stimulus.errors import AttackError
 from itloop.stimulus.folding import fold_batchnorm
 from itloop.stimulus.fusion import fuse_conv_relu
@@ -275,7 +275,7 @@ class AttackConfig:
     batch_size: int = 256
     autocast_dtype: torch.dtype | None = torch.bfloat16
     keep_best: bool = True
-    projection_iterations: int = 4
+    projection_iterations: int = 2
     fold_batchnorm: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -482,7 +482,8 @@ class AttackEngine:
         used = torch.unique(rows.image_index[local])
         slot = torch.full((images.shape[0],), -1, dtype=torch.int64)
         slot[used] = torch.arange(used.numel())
-        f_used = self.predict(from_levels(clean_levels[used.to(images.device)])).float()
+        with record_function("itloop.run.predict_clean"):
+            f_used = self.predict(from_levels(clean_levels[used.to(images.device)])).float()
         clean_f = (f_used, slot.to(images.device))
         return (
             self._run_batch(clean_levels, clean_f, rows, local[b : b + bs], base_seed)
@@ -515,16 +516,19 @@ class AttackEngine:
         cfg = self.config
         device = clean_levels.device
         n = index.numel()
-        pad = torch.cat([index, index[-1:].expand(cfg.batch_size - n)]) if cfg.compile else index
-        r = rows.take(pad)
-        img = r.image_index.to(device)
-        site = r.site_index.to(device)
-        sign = r.sign.to(device=device, dtype=torch.float32)
-        eps = r.eps_l2.to(device=device, dtype=torch.float32)
-        lv = clean_levels[img]
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        x = from_levels(lv).contiguous(memory_format=fmt)
-        self.prepare(x)
+        with record_function("itloop.run.setup"):
+            pad = (
+                torch.cat([index, index[-1:].expand(cfg.batch_size - n)]) if cfg.compile else index
+            )
+            r = rows.take(pad)
+            img = r.image_index.to(device)
+            site = r.site_index.to(device)
+            sign = r.sign.to(device=device, dtype=torch.float32)
+            eps = r.eps_l2.to(device=device, dtype=torch.float32)
+            lv = clean_levels[img]
+            fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+            x = from_levels(lv).contiguous(memory_format=fmt)
+            self.prepare(x)
         with record_function("itloop.run.pgd"):
             delta, pred = self.pgd(x, site, sign, eps, pad.tolist(), base_seed)
         delta, pred = delta[:n], pred[:n]
@@ -594,15 +598,16 @@ class AttackEngine:
             raise RuntimeError("prepare() first")
         cfg = self.config
         n_steps = cfg.steps if steps is None else steps
-        self._set_reference(x)
-        noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device)
-        d = x[0].numel()
-        radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)
-        start = noise * (radius / noise.square().sum(_DIMS).sqrt().clamp_min(1e-30)).view(
-            -1, 1, 1, 1
-        )
         iters = cfg.projection_iterations
-        delta = self._update(x, start, torch.zeros_like(x), eps, torch.zeros_like(eps), iters)
+        with record_function("itloop.run.random_start"):
+            self._set_reference(x)
+            noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device)
+            d = x[0].numel()
+            radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)
+            start = noise * (radius / noise.square().sum(_DIMS).sqrt().clamp_min(1e-30)).view(
+                -1, 1, 1, 1
+            )
+            delta = self._update(x, start, torch.zeros_like(x), eps, torch.zeros_like(eps), iters)
         alpha = eps * cfg.step_ratio
         best_obj = torch.full_like(eps, -torch.inf)
         best_delta = delta
@@ -712,6 +717,4 @@ def _pgd_update(
     x: Tensor, delta: Tensor, grad: Tensor, eps: Tensor, alpha: Tensor, iterations: int
 ) -> Tensor:
     """One projected L2 step, δ + α·g/‖g‖ onto ball(ε) ∩ box; (B, C, H, W), (B,) ε and α."""
-    g_norm = grad.square().sum(_DIMS, keepdim=True).sqrt().clamp_min(1e-30)
-    v = delta + alpha.view(-1, 1, 1, 1) * grad / g_norm
-    return project_l2_box_rows(x, v, eps, iterations=iterations)
+    return project_l2_box_step(x, delta, grad, alpha, eps, iterations=iterations)

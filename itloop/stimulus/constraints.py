@@ -21,6 +21,7 @@ __all__ = [
     "L2Ball",
     "project_l2_box",
     "project_l2_box_rows",
+    "project_l2_box_step",
     "random_start_l2_box",
 ]
 
@@ -86,24 +87,40 @@ def project_l2_box(
 
 
 def project_l2_box_rows(
-    x: Tensor, v: Tensor, eps: Tensor, *, iterations: int | None, rtol: float = 1e-6
+    x: Tensor,
+    v: Tensor,
+    eps: Tensor,
+    *,
+    iterations: int | None,
+    rtol: float = 1e-6,
+    norm_sq_upper: Tensor | None = None,
 ) -> Tensor:
-    """:func:`project_l2_box` without validation, for the compiled inner loop; eps: (B,) fp32."""
+    """:func:`project_l2_box` without validation, for the compiled inner loop; eps: (B,) fp32.
+
+    norm_sq_upper: (B,) an upper bound on ‖v‖² known without a pass over v (None: computed). The
+    iteration starts from ``t = ε / sqrt(norm_sq_upper)``, feasible because it is at most the
+    scale-only t; whether the clipped v fits whole is found in the first update's pass.
+    """
     v = v.float()
     cap = torch.where(v >= 0, 1.0 - x, x).clamp_min(0.0)
     a = v.abs()
-    clipped_all = torch.minimum(a, cap)
-    full_sq = clipped_all.square().sum(_REDUCE_DIMS)
-    inside = full_sq <= eps.square()
     v_sq = a.square()
-    total_sq = v_sq.sum(_REDUCE_DIMS)
-    t = torch.where(total_sq > 0, eps / total_sq.sqrt().clamp_min(1e-30), torch.ones_like(eps))
+    if norm_sq_upper is None:
+        norm_sq_upper = v_sq.sum(_REDUCE_DIMS)
+    t = torch.where(
+        norm_sq_upper > 0,
+        eps / norm_sq_upper.sqrt().clamp_min(1e-30),
+        torch.ones_like(eps),
+    )
     t = t.clamp(max=1.0)
+    inside: Tensor | None = None
     steps = 0
     while True:
         clipped = (t.view(-1, 1, 1, 1) * a) > cap
         a_sum = torch.where(clipped, 0.0, v_sq).sum(_REDUCE_DIMS)
         c_sum = torch.where(clipped, cap.square(), 0.0).sum(_REDUCE_DIMS)
+        if inside is None:  # read in the same pass as the first update's sums
+            inside = torch.minimum(a, cap).square().sum(_REDUCE_DIMS) <= eps.square()
         t_new = ((eps.square() - c_sum).clamp_min(0.0) / a_sum.clamp_min(1e-30)).sqrt()
         t_new = torch.maximum(t, t_new).clamp(max=1.0)
         steps += 1
@@ -119,6 +136,44 @@ def project_l2_box_rows(
     t = torch.where(inside, torch.ones_like(t), t)
     out = torch.minimum(t.view(-1, 1, 1, 1) * a, cap)
     return torch.copysign(out, v)
+
+
+def project_l2_box_step(
+    x: Tensor,
+    delta: Tensor,
+    direction: Tensor,
+    alpha: Tensor,
+    eps: Tensor,
+    *,
+    iterations: int,
+) -> Tensor:
+    """One normalised step projected: Π(δ + α·d/‖d‖) onto ball(ε) ∩ box, for the compiled loop.
+
+    x, delta, direction: (B, C, H, W) fp32; alpha, eps: (B,) fp32. Where d = 0 the step is δ
+    itself projected.
+
+    The step's norm needs no pass of its own: ``‖δ + s·d‖² = ‖δ‖² + 2s⟨δ, d⟩ + s²‖d‖²`` with
+    ``s = α/‖d‖``, and ‖d‖², ⟨δ, d⟩ and ‖δ‖² are read in one pass over δ and d. The start of the
+    active-set iteration must not exceed the scale-only t (that keeps every iterate feasible), so
+    the norm is bounded from above by a margin that covers the rounding of the cross term. Passes
+    over the batch: the three sums, one per update (the first also decides whether the clipped
+    step fits whole), and the output.
+    """
+    d_sq = delta.square().sum(_REDUCE_DIMS)
+    cross = (delta * direction).sum(_REDUCE_DIMS)
+    dir_sq = direction.square().sum(_REDUCE_DIMS)
+    s = alpha / dir_sq.sqrt().clamp_min(1e-30)
+    norm_sq = d_sq + 2.0 * s * cross + s.square() * dir_sq
+    magnitude = d_sq + 2.0 * s * cross.abs() + s.square() * dir_sq
+    upper = norm_sq.clamp_min(0.0) + _STEP_NORM_MARGIN * magnitude
+    v = delta + s.view(-1, 1, 1, 1) * direction
+    return project_l2_box_rows(x, v, eps, iterations=iterations, norm_sq_upper=upper)
+
+
+_STEP_NORM_MARGIN = 1e-5
+"""Relative margin on ‖δ + s·d‖² computed from its three sums: fp32 sums over a 224×224 image are
+good to ~1e-6 of the terms' magnitudes, so the bound stays above the norm; it moves the start of
+the iteration by at most 5e-6 of t, which the updates recover."""
 
 
 def random_start_l2_box(

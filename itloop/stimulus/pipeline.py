@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from itloop.stimulus.attacks import (
     AttackEngine,
@@ -135,9 +136,10 @@ def attack_and_store(
     carry: AttackResult | None = None
 
     def keep(closed: AttackResult) -> None:
-        chosen = select_largest_change(closed)
-        kept.append(chosen)
-        writer.submit(chosen.adversarial_levels(clean_levels))
+        with record_function("itloop.pipeline.keep"):
+            chosen = select_largest_change(closed)
+            kept.append(chosen)
+            writer.submit(chosen.adversarial_levels(clean_levels))
 
     for part in engine.run_batches(images, rows, generator=generator):
         if carry is not None:

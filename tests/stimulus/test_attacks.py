@@ -367,12 +367,14 @@ def test_bf16_input_would_distort_a_small_perturbation() -> None:
 
 
 def test_budget_violations_raise_naming_the_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = attacks_module.project_l2_box_rows
+    real = attacks_module.project_l2_box_step
 
-    def leaky(x: Tensor, v: Tensor, eps: Tensor, **kw: object) -> Tensor:
-        return real(x, v, eps * 1.5, iterations=4)
+    def leaky(
+        x: Tensor, delta: Tensor, direction: Tensor, alpha: Tensor, eps: Tensor, **kw: int
+    ) -> Tensor:
+        return real(x, delta, direction, alpha, eps * 1.5, iterations=4)
 
-    monkeypatch.setattr(attacks_module, "project_l2_box_rows", leaky)
+    monkeypatch.setattr(attacks_module, "project_l2_box_step", leaky)
     w = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(8))
     engine = AttackEngine(LinearSites(w), FP32)
     rows = AttackRows.grid([0], [0], [0.5])
