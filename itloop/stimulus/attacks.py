@@ -38,6 +38,7 @@ from itloop.stimulus.precision import (
     SplitStem,
     exact_fp32,
     keep_first_conv_fp32,
+    set_stem_references,
     split_first_conv,
 )
 from itloop.stimulus.quantisation import (
@@ -335,7 +336,8 @@ class AttackEngine:
     _fast: nn.Module | None = field(default=None, init=False, repr=False)
     _update: Callable[..., Tensor] | None = field(default=None, init=False, repr=False)
     _step: Callable[..., tuple[Tensor, ...]] | None = field(default=None, init=False, repr=False)
-    _stems: list[SplitStem] = field(default_factory=list, init=False, repr=False)
+    _eager: nn.Module | None = field(default=None, init=False, repr=False)
+    _has_stem: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -376,6 +378,7 @@ class AttackEngine:
             p.requires_grad_(False)
         if cfg.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
+        eager = fast
         update: Callable[..., Tensor] = _pgd_update
         step: Callable[..., tuple[Tensor, ...]] = _pgd_step
         if cfg.compile:
@@ -386,13 +389,14 @@ class AttackEngine:
             update = torch.compile(_pgd_update, dynamic=False)
             step = torch.compile(_pgd_step, dynamic=False)
         self._fast, self._update, self._step = fast, update, step
-        self._stems = [m for m in fast.modules() if isinstance(m, SplitStem)]
+        self._eager = eager
+        self._has_stem = any(isinstance(m, SplitStem) for m in eager.modules())
         return fast
 
     def _set_reference(self, x: Tensor) -> None:
-        """Make the clean batch ``x`` the reference of the split first convolution."""
-        for stem in self._stems:
-            stem.set_reference(x)
+        """Make the clean batch ``x`` (its input to the split first convolution) the reference."""
+        if self._has_stem and self._eager is not None:
+            set_stem_references(self._eager, x)
 
     def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""

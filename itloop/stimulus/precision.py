@@ -40,6 +40,7 @@ __all__ = [
     "op_dtype",
     "perturbation_conv",
     "replace_submodule",
+    "set_stem_references",
     "split_first_conv",
 ]
 
@@ -115,7 +116,9 @@ class SplitStem(nn.Module):
 
     @torch.no_grad()
     def set_reference(self, x: Tensor) -> None:
-        """Use (B, C, H, W) ``x`` (the clean batch) as the reference; its term is exact fp32."""
+        """Use (B, C, H, W) ``x`` as the reference; its term is exact fp32. ``x`` is this layer's
+        input for the clean batch, which in a model is what the layers before it make of the
+        images (:func:`set_stem_references` finds it)."""
         x = x.detach().float()
         with exact_fp32():
             y = self.conv(x)
@@ -169,6 +172,46 @@ class SplitStem(nn.Module):
             )
         out: Tensor = perturbation_conv(delta, weight, *geometry)
         return out
+
+
+class _ReferencesSet(Exception):
+    """Stops a forward once every split stem has its reference."""
+
+
+@torch.no_grad()
+def set_stem_references(model: nn.Module, x: Tensor) -> None:
+    """Give each :class:`SplitStem` of ``model`` the input it receives for the clean batch ``x``.
+
+    A stem sees the model's input after whatever comes first (a backbone's ImageNet normalisation,
+    for one), so that input, not ``x``, is the reference that makes ``z − ref`` the small
+    perturbation the stem rounds; with ``x`` itself the difference would be the normalisation's
+    full-size change, and rounding it would erase the perturbation the split exists to keep. The
+    model runs in exact fp32 up to the last stem and stops there. ``model`` is the module itself,
+    not a compiled wrapper (the stop is an exception raised in a forward pre-hook).
+    """
+    stems = [m for m in model.modules() if isinstance(m, SplitStem)]
+    if not stems:
+        return
+    waiting = {id(stem) for stem in stems}
+
+    def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+        assert isinstance(module, SplitStem)
+        module.set_reference(args[0])
+        waiting.discard(id(module))
+        if not waiting:
+            raise _ReferencesSet
+
+    handles = [stem.register_forward_pre_hook(capture) for stem in stems]
+    try:
+        with exact_fp32():
+            model(x)
+    except _ReferencesSet:
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name, m in model.named_modules() if id(m) in waiting]
+    raise RuntimeError(f"the forward never reached the split stem(s) {names}")
 
 
 def op_dtype(x: Tensor) -> torch.dtype:

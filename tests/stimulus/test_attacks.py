@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from itloop.stimulus import (
     AttackConfig,
@@ -22,7 +22,7 @@ from itloop.stimulus import (
 )
 from itloop.stimulus import attacks as attacks_module
 from itloop.stimulus.fusion import FusedConvReLU
-from itloop.stimulus.precision import perturbation_conv
+from itloop.stimulus.precision import perturbation_conv, set_stem_references
 
 from .toys import LinearSites, ReluSites, TinyConvNet, on_grid
 
@@ -444,3 +444,39 @@ def test_results_of_a_cpu_run_are_copied_as_they_are() -> None:
     assert torch.equal(host_f, f)
     assert host_k.dtype == torch.int16
     assert host_f.shape == (2,)
+
+
+def test_the_split_stem_rounds_only_the_perturbation_when_the_model_normalises_first() -> None:
+    """A backbone normalises [0, 1] images before its first convolution. The split stem's
+    reference is the normalised clean batch, so what it rounds to bf16 is δ / std; with the raw
+    images as reference it rounded the normalisation's full-size change (up to 2 per pixel) and,
+    with it, most of a small δ."""
+    from itloop.models import ITModel
+
+    model = ITModel.build("resnet18", 3, input_hw=(32, 32), seed=0)
+    engine = AttackEngine(model, AttackConfig(batch_size=4, fuse_conv_relu=False))
+    x = on_grid(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    fast = engine.prepare(x)
+    engine._set_reference(x)
+    stem = next(m for m in fast.modules() if isinstance(m, SplitStem))
+    mean, std = model.backbone.mean, model.backbone.std
+    assert torch.allclose(stem.ref_input, (x - mean) / std, atol=1e-6)
+    seen: dict[str, Tensor] = {}
+    stem.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0].detach()))
+    d = 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    engine._grad(x + d, torch.zeros(4, dtype=torch.int64), torch.ones(4))
+    assert torch.allclose(seen["z"] - stem.ref_input, d / std, atol=1e-6)
+
+
+def test_a_split_stem_the_forward_never_reaches_is_named() -> None:
+    class Detour(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = SplitStem(nn.Conv2d(3, 4, 3))
+            self.used = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(x)
+
+    with pytest.raises(RuntimeError, match=r"never reached the split stem.*unused"):
+        set_stem_references(Detour(), torch.rand(2, *SHAPE))

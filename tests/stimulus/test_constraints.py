@@ -205,7 +205,8 @@ def test_a_step_projected_from_its_sums_is_the_projection_of_the_step(
         assert float(err.max()) < 1e-6, (iterations, err.tolist())
         norms = got.flatten(1).norm(dim=1)
         assert bool((norms <= eps * (1 + 1e-6)).all()), norms.tolist()
-        assert float((x + got).min()) >= -1e-7 and float((x + got).max()) <= 1 + 1e-7
+        assert float((x + got).min()) >= -1e-7
+        assert float((x + got).max()) <= 1 + 1e-7
     assert float(got[1].abs().max()) < 1e-5
     assert torch.allclose(got[2], delta[2], atol=1e-6)
 
