@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ from itloop.stimulus.quantisation import (
     realised_eps_l2,
     to_levels,
 )
+from itloop.stimulus.randomness import normal_and_uniform, row_keys
 from itloop.stimulus.sharding import gather_to_first, shard_bounds, world
 
 __all__ = [
@@ -219,29 +221,26 @@ def select_largest_change(result: AttackResult) -> AttackResult:
     return result.take(torch.from_numpy(kept))
 
 
-def _mix_seed(base: int, row: int) -> int:
-    """splitmix64 of (base, row): a well-spread 63-bit seed per row, independent of batching."""
-    z = (base + 0x9E3779B97F4A7C15 * (row + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+Draw = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+"""(B, 2) row keys, n -> ((B, n) N(0, 1), (B,) U(0, 1)): :func:`randomness.normal_and_uniform`."""
 
 
 def row_noise(
-    base_seed: int, rows: Sequence[int], shape: tuple[int, ...], device: torch.device
+    base_seed: int,
+    rows: Sequence[int],
+    shape: tuple[int, ...],
+    device: torch.device,
+    *,
+    draw: Draw = normal_and_uniform,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row random-start draws: ((B, *shape) N(0, 1), (B,) U(0, 1)), each row from its own seed.
+    """Per-row random-start draws: ((B, *shape) N(0, 1), (B,) U(0, 1)), each row from its own key.
 
-    A row's draws depend only on (base_seed, row), so any sharding or batching gives the same start.
+    A row's draws depend only on (base_seed, row), so any sharding or batching gives the same start
+    (:mod:`itloop.stimulus.randomness`; ``draw`` may be a compiled copy of its generator).
     """
-    gen = torch.Generator(device=device)
-    noise = torch.empty((len(rows), *shape), device=device)
-    u = torch.empty(len(rows), device=device)
-    for i, r in enumerate(rows):
-        gen.manual_seed(_mix_seed(base_seed, int(r)))
-        noise[i].normal_(generator=gen)
-        u[i : i + 1].uniform_(generator=gen)
-    return noise, u
+    keys = row_keys(base_seed, rows).to(device)
+    noise, u = draw(keys, math.prod(shape))
+    return noise.view(len(rows), *shape), u
 
 
 @dataclass(frozen=True)
@@ -338,6 +337,7 @@ class AttackEngine:
     _step: Callable[..., tuple[Tensor, ...]] | None = field(default=None, init=False, repr=False)
     _eager: nn.Module | None = field(default=None, init=False, repr=False)
     _has_stem: bool = field(default=False, init=False, repr=False)
+    _draw: Draw = field(default_factory=lambda: normal_and_uniform, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -388,6 +388,7 @@ class AttackEngine:
                 fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
             update = torch.compile(_pgd_update, dynamic=False)
             step = torch.compile(_pgd_step, dynamic=False)
+            self._draw = torch.compile(normal_and_uniform, dynamic=False)
         self._fast, self._update, self._step = fast, update, step
         self._eager = eager
         self._has_stem = any(isinstance(m, SplitStem) for m in eager.modules())
@@ -605,7 +606,7 @@ class AttackEngine:
         iters = cfg.projection_iterations
         with record_function("itloop.run.random_start"):
             self._set_reference(x)
-            noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device)
+            noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device, draw=self._draw)
             d = x[0].numel()
             radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)
             start = noise * (radius / noise.square().sum(_DIMS).sqrt().clamp_min(1e-30)).view(

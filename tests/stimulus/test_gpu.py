@@ -259,3 +259,17 @@ def test_cuda_fused_blocks_keep_the_input_gradient() -> None:
     cos = torch.nn.functional.cosine_similarity(fused.flatten(1), plain.flatten(1), dim=1)
     assert float(cos.min()) > 0.99, cos
     assert float((fused - plain).norm() / plain.norm()) < 0.1
+
+
+def test_cuda_row_draws_are_the_cpu_draws_compiled_or_not() -> None:
+    """The counter-based generator draws the same words on any device: the normals agree with the
+    CPU's to float rounding (log, sin, cos), eager and compiled."""
+    from itloop.stimulus.randomness import normal_and_uniform, row_keys
+
+    keys = row_keys(123, range(40, 72))
+    z_cpu, u_cpu = normal_and_uniform(keys, 3 * 64 * 64)
+    compiled = torch.compile(normal_and_uniform, dynamic=False)
+    for draw in (normal_and_uniform, compiled):
+        z, u = draw(keys.cuda(), 3 * 64 * 64)
+        assert torch.allclose(z.cpu(), z_cpu, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(u.cpu(), u_cpu, rtol=0, atol=1e-7)
