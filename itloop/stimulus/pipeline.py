@@ -3,7 +3,9 @@
 A day's attack is device-bound and its PNG writing CPU-bound (a 224×224 stimulus takes ~6 ms to
 encode on one core). Run one after the other they add up; here each finished batch's kept stimuli
 go to a thread pool (zlib releases the GIL) while the device runs the next batch, so the PNG time
-hides behind the attack's.
+hides behind the attack's. The host's share of a finished batch (grouping rows, choosing the kept
+ones, composing their 8-bit images) runs on a collector thread, so the device is not left idle
+between batches while the host does it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from itloop.stimulus.quantisation import from_levels
 from itloop.stimulus.sharding import world
 
 __all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "png_workers"]
+
+_MAX_QUEUED_BATCHES = 2
+"""Finished batches that may wait for the collector before the attack waits for it."""
 
 Put = Callable[[bytes], str]
 """Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
@@ -141,7 +146,8 @@ def attack_and_store(
             kept.append(chosen)
             writer.submit(chosen.adversarial_levels(clean_levels))
 
-    for part in engine.run_batches(images, rows, generator=generator):
+    def absorb(part: AttackResult) -> None:
+        nonlocal carry
         if carry is not None:
             part = AttackResult.concat([carry, part])
         keys = group_keys(part)
@@ -151,6 +157,17 @@ def attack_and_store(
         carry = part.take(torch.arange(len(part) - n_open, len(part))) if n_open else None
         if n_open < len(part):
             keep(part.take(torch.arange(len(part) - n_open)))
+
+    # One collector thread takes each finished batch (grouping, selection, the stimuli's levels
+    # and their hand-over to the writer), in order, so the device starts the next batch at once.
+    with ThreadPoolExecutor(1, thread_name_prefix="keep") as collector:
+        queued: deque[Future[None]] = deque()
+        for part in engine.run_batches(images, rows, generator=generator):
+            queued.append(collector.submit(absorb, part))
+            while queued and (queued[0].done() or len(queued) > _MAX_QUEUED_BATCHES):
+                queued.popleft().result()  # raises what the collector raised
+        while queued:
+            queued.popleft().result()
     if carry is not None:
         keep(carry)
     result = AttackResult.concat(kept)

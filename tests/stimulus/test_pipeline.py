@@ -90,6 +90,22 @@ def test_rows_of_a_group_apart_are_refused() -> None:
         attack_and_store(engine, clean, scattered, generator=torch.Generator(), writer=writer)
 
 
+def test_a_failure_while_keeping_a_batch_is_raised_by_the_pipeline() -> None:
+    """Batches are kept on a collector thread; what fails there stops the job with its error."""
+
+    class FullDisk(PngWriter):
+        def submit(self, levels):  # type: ignore[no-untyped-def]
+            raise OSError("no space left on device")
+
+    model, clean, rows = _job(1)
+    engine = AttackEngine(model, AttackConfig(steps=1, batch_size=2, autocast_dtype=None))
+    with (
+        FullDisk(MemoryStore().put, workers=1) as writer,
+        pytest.raises(OSError, match="no space left"),
+    ):
+        attack_and_store(engine, clean, rows, generator=torch.Generator(), writer=writer)
+
+
 def test_writer_keeps_order_bounds_its_queue_and_uses_its_threads() -> None:
     store = MemoryStore(delay_s=0.01)
     images = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(24)]
