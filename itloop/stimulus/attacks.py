@@ -178,6 +178,10 @@ class AttackResult:
         """The rows at (K,) int64 index."""
         return AttackResult(**{k: getattr(self, k)[index] for k in _RESULT_FIELDS})
 
+    def rows(self, start: int, stop: int) -> AttackResult:
+        """Rows ``start:stop`` as views of these tensors (no copy)."""
+        return AttackResult(**{k: getattr(self, k)[start:stop] for k in _RESULT_FIELDS})
+
     @staticmethod
     def concat(parts: Sequence[AttackResult]) -> AttackResult:
         """Rows of several results, in order."""

@@ -3,9 +3,9 @@
 A day's attack is device-bound and its PNG writing CPU-bound (a 224×224 stimulus takes ~6 ms to
 encode on one core). Run one after the other they add up; here each finished batch's kept stimuli
 go to a thread pool (zlib releases the GIL) while the device runs the next batch, so the PNG time
-hides behind the attack's. The host's share of a finished batch (grouping rows, choosing the kept
-ones, composing their 8-bit images) runs on a collector thread, so the device is not left idle
-between batches while the host does it.
+hides behind the attack's. Between batches the device waits for the host, so the host's share of
+a finished batch is kept small: rows are grouped as views of the batch, and each kept stimulus's
+8-bit image is composed on the thread that encodes it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from itloop.stimulus.sharding import world
 
 __all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "png_workers"]
 
-_MAX_QUEUED_BATCHES = 2
-"""Finished batches that may wait for the collector before the attack waits for it."""
 
 Put = Callable[[bytes], str]
 """Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
@@ -73,20 +71,47 @@ class PngWriter:
         """Images submitted so far."""
         return len(self._done) + len(self._pending)
 
+    def submit_stimuli(
+        self, clean_levels: Tensor, image_index: Tensor, delta_levels: Tensor
+    ) -> range:
+        """Queue perturbed stimuli ``clean_levels[image_index] + delta_levels`` ((M, 3, H, W)
+        uint8, (R,) int64, (R, 3, H, W) int16, on the CPU), each composed on the thread that
+        encodes it; returns their positions in :meth:`results`."""
+        if image_index.shape[0] != delta_levels.shape[0]:
+            raise ValueError(
+                f"{image_index.shape[0]} image indices for {delta_levels.shape[0]} perturbations"
+            )
+        return self._queue(
+            (clean_levels, int(i), delta_levels[r]) for r, i in enumerate(image_index.tolist())
+        )
+
+    def _write_stimulus(self, item: tuple[Tensor, int, Tensor]) -> str:
+        clean_levels, i, k = item
+        return self._write((clean_levels[i].to(torch.int16) + k).to(torch.uint8))
+
+    def _queue(self, items: Iterable[tuple[Tensor, int, Tensor]]) -> range:
+        start = self.submitted
+        for item in items:
+            self._wait_below(self._max_pending)
+            self._pending.append(self._pool.submit(self._write_stimulus, item))
+        return range(start, self.submitted)
+
+    def _wait_below(self, count: int) -> None:
+        while len(self._pending) >= count:
+            self._done.append(self._pending.popleft().result())
+
     def submit(self, levels: Iterable[Tensor]) -> range:
         """Queue images (each (3, H, W) uint8, on the CPU) for writing; returns their positions in
         :meth:`results`."""
         start = self.submitted
         for image in levels:
-            while len(self._pending) >= self._max_pending:
-                self._done.append(self._pending.popleft().result())
+            self._wait_below(self._max_pending)
             self._pending.append(self._pool.submit(self._write, image))
         return range(start, self.submitted)
 
     def results(self) -> list[str]:
         """Content addresses of every image submitted so far, in order (waits for them)."""
-        while self._pending:
-            self._done.append(self._pending.popleft().result())
+        self._wait_below(1)
         return list(self._done)
 
     def close(self) -> None:
@@ -141,33 +166,31 @@ def attack_and_store(
     carry: AttackResult | None = None
 
     def keep(closed: AttackResult) -> None:
+        chosen = select_largest_change(closed)
+        kept.append(chosen)
+        writer.submit_stimuli(clean_levels, chosen.image_index, chosen.delta_levels)
+
+    # Between batches the device waits for this loop, so it copies no more than the kept rows:
+    # closed groups are handled as views of the batch, and only a group cut by the batch boundary
+    # is joined with its rest.
+    for part in engine.run_batches(images, rows, generator=generator):
         with record_function("itloop.pipeline.keep"):
-            chosen = select_largest_change(closed)
-            kept.append(chosen)
-            writer.submit(chosen.adversarial_levels(clean_levels))
-
-    def absorb(part: AttackResult) -> None:
-        nonlocal carry
-        if carry is not None:
-            part = AttackResult.concat([carry, part])
-        keys = group_keys(part)
-        trailing = np.all(keys == keys[-1], axis=1)[::-1]
-        # the last group may go on in the next batch: hold it back
-        n_open = len(part) if trailing.all() else int(np.argmin(trailing))
-        carry = part.take(torch.arange(len(part) - n_open, len(part))) if n_open else None
-        if n_open < len(part):
-            keep(part.take(torch.arange(len(part) - n_open)))
-
-    # One collector thread takes each finished batch (grouping, selection, the stimuli's levels
-    # and their hand-over to the writer), in order, so the device starts the next batch at once.
-    with ThreadPoolExecutor(1, thread_name_prefix="keep") as collector:
-        queued: deque[Future[None]] = deque()
-        for part in engine.run_batches(images, rows, generator=generator):
-            queued.append(collector.submit(absorb, part))
-            while queued and (queued[0].done() or len(queued) > _MAX_QUEUED_BATCHES):
-                queued.popleft().result()  # raises what the collector raised
-        while queued:
-            queued.popleft().result()
+            keys = group_keys(part)
+            begin = 0
+            if carry is not None:
+                same = np.all(keys == group_keys(carry.rows(0, 1))[0], axis=1)
+                begin = len(part) if same.all() else int(np.argmin(same))
+                carry = AttackResult.concat([carry, part.rows(0, begin)])
+                if begin == len(part):
+                    continue
+                keep(carry)
+                carry = None
+            trailing = np.all(keys[begin:] == keys[-1], axis=1)[::-1]
+            # the last group may go on in the next batch: hold it back
+            n_open = len(trailing) if trailing.all() else int(np.argmin(trailing))
+            if begin < len(part) - n_open:
+                keep(part.rows(begin, len(part) - n_open))
+            carry = part.rows(len(part) - n_open, len(part)) if n_open else None
     if carry is not None:
         keep(carry)
     result = AttackResult.concat(kept)

@@ -90,11 +90,9 @@ def test_rows_of_a_group_apart_are_refused() -> None:
         attack_and_store(engine, clean, scattered, generator=torch.Generator(), writer=writer)
 
 
-def test_a_failure_while_keeping_a_batch_is_raised_by_the_pipeline() -> None:
-    """Batches are kept on a collector thread; what fails there stops the job with its error."""
-
+def test_a_failure_while_storing_a_batch_is_raised_by_the_pipeline() -> None:
     class FullDisk(PngWriter):
-        def submit(self, levels):  # type: ignore[no-untyped-def]
+        def _write(self, levels: torch.Tensor) -> str:
             raise OSError("no space left on device")
 
     model, clean, rows = _job(1)
@@ -132,3 +130,20 @@ def test_a_failed_write_is_raised_not_lost() -> None:
 def test_writer_refuses_a_queue_of_nothing() -> None:
     with pytest.raises(ValueError, match="max_pending must be >= 1, got 0"):
         PngWriter(MemoryStore().put, max_pending=0)
+
+
+def test_stimuli_are_composed_from_their_clean_image_and_refused_when_counts_differ() -> None:
+    store = MemoryStore()
+    clean = to_levels(torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(3)))
+    k = torch.zeros(3, *SHAPE, dtype=torch.int16)
+    k[:, 0, 0, 0] = torch.tensor([-1, 1, 2], dtype=torch.int16)
+    k[2, 1, 2, 3] = -3
+    index = torch.tensor([1, 0, 1])
+    with PngWriter(store.put, workers=2) as writer:
+        writer.submit_stimuli(clean.clamp(3, 250), index, k)
+        shas = writer.results()
+        with pytest.raises(ValueError, match="2 image indices for 3 perturbations"):
+            writer.submit_stimuli(clean, index[:2], k)
+    for sha, i, dk in zip(shas, index.tolist(), k, strict=True):
+        expected = (clean.clamp(3, 250)[i].to(torch.int16) + dk).to(torch.uint8)
+        assert torch.equal(decode_png(store.blobs[sha]), expected)
