@@ -172,8 +172,8 @@ def project_l2_box_step(
 
 _STEP_NORM_MARGIN = 1e-5
 """Relative margin on ‖δ + s·d‖² computed from its three sums: fp32 sums over a 224×224 image are
-good to ~1e-6 of the terms' magnitudes, so the bound stays above the norm; it moves the start of
-the iteration by at most 5e-6 of t, which the updates recover."""
+good to ~1e-6 of the terms' magnitudes, so the bound stays above the norm. Where the terms do not
+cancel it moves the start of the iteration by about 5e-6 of t, which the first update recovers."""
 
 
 def random_start_l2_box(

@@ -34,7 +34,6 @@ from itloop.stimulus.sharding import world
 
 __all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "png_workers"]
 
-
 Put = Callable[[bytes], str]
 """Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
 

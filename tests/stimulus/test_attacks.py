@@ -450,7 +450,7 @@ def test_the_split_stem_rounds_only_the_perturbation_when_the_model_normalises_f
     """A backbone normalises [0, 1] images before its first convolution. The split stem's
     reference is the normalised clean batch, so what it rounds to bf16 is δ / std; with the raw
     images as reference it rounded the normalisation's full-size change (up to 2 per pixel) and,
-    with it, most of a small δ."""
+    with it, much of a small δ."""
     from itloop.models import ITModel
 
     model = ITModel.build("resnet18", 3, input_hw=(32, 32), seed=0)
