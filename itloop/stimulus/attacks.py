@@ -31,12 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from itloop.stimulus.constraints import project_l2_box_step
+from itloop.stimulus.constraints import project_l2_box_step, random_start_l2_box
 from itloop.stimulus.errors import AttackError
 from itloop.stimulus.folding import fold_batchnorm
 from itloop.stimulus.fusion import fuse_conv_relu
 from itloop.stimulus.precision import (
-    SplitStem,
     exact_fp32,
     keep_first_conv_fp32,
     set_stem_references,
@@ -337,10 +336,8 @@ class AttackEngine:
     model: nn.Module
     config: AttackConfig = field(default_factory=AttackConfig)
     _fast: nn.Module | None = field(default=None, init=False, repr=False)
-    _update: Callable[..., Tensor] | None = field(default=None, init=False, repr=False)
     _step: Callable[..., tuple[Tensor, ...]] | None = field(default=None, init=False, repr=False)
     _eager: nn.Module | None = field(default=None, init=False, repr=False)
-    _has_stem: bool = field(default=False, init=False, repr=False)
     _draw: Draw = field(default_factory=lambda: normal_and_uniform, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -383,24 +380,20 @@ class AttackEngine:
         if cfg.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
         eager = fast
-        update: Callable[..., Tensor] = _pgd_update
         step: Callable[..., tuple[Tensor, ...]] = _pgd_step
         if cfg.compile:
             if cfg.gemm_templates:
                 fast = torch.compile(fast, options=dict(GEMM_TEMPLATE_OPTIONS), dynamic=False)  # type: ignore[assignment]
             else:
                 fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
-            update = torch.compile(_pgd_update, dynamic=False)
             step = torch.compile(_pgd_step, dynamic=False)
             self._draw = torch.compile(normal_and_uniform, dynamic=False)
-        self._fast, self._update, self._step = fast, update, step
-        self._eager = eager
-        self._has_stem = any(isinstance(m, SplitStem) for m in eager.modules())
+        self._fast, self._eager, self._step = fast, eager, step
         return fast
 
     def _set_reference(self, x: Tensor) -> None:
         """Make the clean batch ``x`` (its input to the split first convolution) the reference."""
-        if self._has_stem and self._eager is not None:
+        if self._eager is not None:
             set_stem_references(self._eager, x)
 
     def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
@@ -603,7 +596,7 @@ class AttackEngine:
         Returns ((B, C, H, W) best δ, (B,) its predicted f). δ stays inside ball ∩ box after every
         step; the best iterate is chosen by ``sign · f``.
         """
-        if self._update is None:
+        if self._step is None:
             raise RuntimeError("prepare() first")
         cfg = self.config
         n_steps = cfg.steps if steps is None else steps
@@ -611,18 +604,12 @@ class AttackEngine:
         with record_function("itloop.run.random_start"):
             self._set_reference(x)
             noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device, draw=self._draw)
-            d = x[0].numel()
-            radius = eps * u.clamp(0.0, 1.0).pow(1.0 / d)
-            start = noise * (radius / noise.square().sum(_DIMS).sqrt().clamp_min(1e-30)).view(
-                -1, 1, 1, 1
-            )
-            delta = self._update(x, start, torch.zeros_like(x), eps, torch.zeros_like(eps), iters)
+            delta = random_start_l2_box(x, eps, noise, u, iterations=iters)
         alpha = eps * cfg.step_ratio
         best_obj = torch.full_like(eps, -torch.inf)
         best_delta = delta
         best_val = torch.zeros_like(eps)
         z = x + delta
-        assert self._step is not None
         for _ in range(n_steps):
             grad, val = self._grad(z, site, sign)
             delta, z, best_obj, best_val, best_delta = self._step(
@@ -704,7 +691,7 @@ def _pgd_step(
         best_obj, best_val, best_delta = _keep_better(
             delta, val, sign, best_obj, best_val, best_delta
         )
-    new = _pgd_update(x, delta, grad, eps, alpha, iterations)
+    new = project_l2_box_step(x, delta, grad, alpha, eps, iterations=iterations)
     return new, x + new, best_obj, best_val, best_delta
 
 
@@ -720,10 +707,3 @@ def _keep_better(
         torch.where(better, val, best_val),
         torch.where(better.view(-1, 1, 1, 1), delta, best_delta),
     )
-
-
-def _pgd_update(
-    x: Tensor, delta: Tensor, grad: Tensor, eps: Tensor, alpha: Tensor, iterations: int
-) -> Tensor:
-    """One projected L2 step, δ + α·g/‖g‖ onto ball(ε) ∩ box; (B, C, H, W), (B,) ε and α."""
-    return project_l2_box_step(x, delta, grad, alpha, eps, iterations=iterations)

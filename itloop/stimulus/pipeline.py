@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,19 +81,20 @@ class PngWriter:
             raise ValueError(
                 f"{image_index.shape[0]} image indices for {delta_levels.shape[0]} perturbations"
             )
-        return self._queue(
-            (clean_levels, int(i), delta_levels[r]) for r, i in enumerate(image_index.tolist())
+        return self._enqueue(
+            self._write_stimulus,
+            ((clean_levels, int(i), delta_levels[r]) for r, i in enumerate(image_index.tolist())),
         )
 
     def _write_stimulus(self, item: tuple[Tensor, int, Tensor]) -> str:
         clean_levels, i, k = item
         return self._write((clean_levels[i].to(torch.int16) + k).to(torch.uint8))
 
-    def _queue(self, items: Iterable[tuple[Tensor, int, Tensor]]) -> range:
+    def _enqueue(self, write: Callable[[Any], str], items: Iterable[Any]) -> range:
         start = self.submitted
         for item in items:
             self._wait_below(self._max_pending)
-            self._pending.append(self._pool.submit(self._write_stimulus, item))
+            self._pending.append(self._pool.submit(write, item))
         return range(start, self.submitted)
 
     def _wait_below(self, count: int) -> None:
@@ -102,11 +104,7 @@ class PngWriter:
     def submit(self, levels: Iterable[Tensor]) -> range:
         """Queue images (each (3, H, W) uint8, on the CPU) for writing; returns their positions in
         :meth:`results`."""
-        start = self.submitted
-        for image in levels:
-            self._wait_below(self._max_pending)
-            self._pending.append(self._pool.submit(self._write, image))
-        return range(start, self.submitted)
+        return self._enqueue(self._write, levels)
 
     def results(self) -> list[str]:
         """Content addresses of every image submitted so far, in order (waits for them)."""
