@@ -391,10 +391,11 @@ class AttackEngine:
         self._fast, self._eager, self._step = fast, eager, step
         return fast
 
-    def _set_reference(self, x: Tensor) -> None:
-        """Make the clean batch ``x`` (its input to the split first convolution) the reference."""
+    def _set_reference(self, images: Tensor, index: Tensor | None = None) -> None:
+        """Make the clean images (their input to the split first convolution) the reference:
+        (U, C, H, W) ``images``, (B,) int64 ``index`` each row's image (None: row i is image i)."""
         if self._eager is not None:
-            set_stem_references(self._eager, x)
+            set_stem_references(self._eager, images, index)
 
     def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
@@ -412,6 +413,20 @@ class AttackEngine:
         sel = out.float().gather(1, site.unsqueeze(1)).squeeze(1)
         (grad,) = torch.autograd.grad((sign * sel).sum(), z)
         return grad, sel.detach()
+
+    def _score(self, z: Tensor, site: Tensor) -> Tensor:
+        """(B, C, H, W) fp32 inputs -> (B,) f_site from the fast model, forward only."""
+        if self._fast is None:
+            raise RuntimeError("prepare() first")
+        dtype = self.config.autocast_dtype
+        ctx = (
+            torch.autocast(z.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), ctx:
+            out = self._fast(z)
+        return out.float().gather(1, site.unsqueeze(1)).squeeze(1)
 
     def predict(self, images: Tensor, site_index: Tensor | None = None) -> Tensor:
         """Exact-fp32 predictions of the generating model, in batches.
@@ -530,9 +545,14 @@ class AttackEngine:
             lv = clean_levels[img]
             fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
             x = from_levels(lv).contiguous(memory_format=fmt)
+            # the batch's distinct images: rows of one image (its ε × signs) share its reference
+            distinct, inverse = torch.unique(r.image_index, return_inverse=True)
+            images = from_levels(clean_levels[distinct.to(device)]).contiguous(memory_format=fmt)
             self.prepare(x)
         with record_function("itloop.run.pgd"):
-            delta, pred = self.pgd(x, site, sign, eps, pad.tolist(), base_seed)
+            delta, pred = self.pgd(
+                x, site, sign, eps, pad.tolist(), base_seed, clean=(images, inverse)
+            )
         delta, pred = delta[:n], pred[:n]
         x, lv, site, sign, eps = x[:n], lv[:n], site[:n], sign[:n], eps[:n]
         with record_function("itloop.run.budget_check"):
@@ -588,21 +608,29 @@ class AttackEngine:
         base_seed: int,
         *,
         steps: int | None = None,
+        clean: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """PGD for one batch of rows, after :meth:`prepare`.
 
         x: (B, C, H, W) fp32 images on the 8-bit grid; site: (B,) int64; sign: (B,) ±1.0; eps: (B,)
-        fp32; row_ids: the rows' ids, which seed their random starts; steps: None = the config's.
-        Returns ((B, C, H, W) best δ, (B,) its predicted f). δ stays inside ball ∩ box after every
-        step; the best iterate is chosen by ``sign · f``.
+        fp32; row_ids: the rows' ids, which seed their random starts; steps: None = the config's;
+        clean: ((U, C, H, W) images, (B,) int64 index) with ``x = images[index]``, the batch's
+        distinct clean images (None: each row its own), which the split first convolution keeps
+        once each. Returns ((B, C, H, W) best δ, (B,) its predicted f). δ stays inside ball ∩ box
+        after every step; the best iterate is chosen by ``sign · f``.
         """
         if self._step is None:
             raise RuntimeError("prepare() first")
         cfg = self.config
         n_steps = cfg.steps if steps is None else steps
         iters = cfg.projection_iterations
+        if clean is not None and tuple(clean[1].shape) != (x.shape[0],):
+            raise ValueError(f"clean's index must be ({x.shape[0]},), got {tuple(clean[1].shape)}")
         with record_function("itloop.run.random_start"):
-            self._set_reference(x)
+            if clean is None:
+                self._set_reference(x)
+            else:
+                self._set_reference(*clean)
             noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device, draw=self._draw)
             delta = random_start_l2_box(x, eps, noise, u, iterations=iters)
         alpha = eps * cfg.step_ratio
@@ -626,7 +654,7 @@ class AttackEngine:
                 iters,
                 cfg.keep_best,
             )
-        _, val = self._grad(z, site, sign)  # the last iterate is scored too
+        val = self._score(z, site)  # the last iterate is scored too
         _, best_val, best_delta = _keep_better(delta, val, sign, best_obj, best_val, best_delta)
         return best_delta, best_val
 

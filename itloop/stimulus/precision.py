@@ -74,12 +74,16 @@ class SplitStem(nn.Module):
     Exact for any ``ref`` (the convolution and its padding are linear); precise when ``ref`` is the
     clean image of each row, since then only δ = z − ref is rounded to the autocast dtype. Without
     autocast, or before :meth:`set_reference`, or for inputs of another shape, it is the plain fp32
-    convolution of z. The reference lives in buffers updated in place, so a compiled model that
-    reads them is not recompiled when the batch changes.
+    convolution of z. Rows that share a clean image share its reference: the references are kept
+    once per distinct image, and ``ref_index`` maps each row to its own, so a batch of an image's
+    ε × signs reads one reference (from cache) instead of one per row. The references live in
+    buffers updated in place, so a compiled model that reads them is not recompiled when the batch
+    changes.
     """
 
     ref_input: Tensor
     ref_output: Tensor
+    ref_index: Tensor
     weight_padded: Tensor
 
     def __init__(
@@ -113,34 +117,65 @@ class SplitStem(nn.Module):
         self.register_buffer("weight_padded", w.contiguous(), persistent=False)
         self.register_buffer("ref_input", torch.zeros(0), persistent=False)
         self.register_buffer("ref_output", torch.zeros(0), persistent=False)
+        self.register_buffer("ref_index", torch.zeros(0, dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
-    def set_reference(self, x: Tensor) -> None:
-        """Use (B, C, H, W) ``x`` as the reference; its term is exact fp32. ``x`` is this layer's
-        input for the clean batch, which in a model is what the layers before it make of the
-        images (:func:`set_stem_references` finds it)."""
+    def set_reference(self, x: Tensor, index: Tensor | None = None) -> None:
+        """Use (U, C, H, W) ``x`` as the references; their term is exact fp32. ``x`` is this
+        layer's input for the distinct clean images, which in a model is what the layers before it
+        make of them (:func:`set_stem_references` finds it); ``index`` (B,) int64 gives each row of
+        the batch its image in ``x`` (None: row i is image i)."""
         x = x.detach().float()
+        n = x.shape[0]
+        if index is None:
+            index = torch.arange(n)
+        if index.ndim != 1 or index.dtype != torch.int64:
+            raise ValueError(f"index must be (B,) int64, got {tuple(index.shape)} {index.dtype}")
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < n:
+            raise ValueError(
+                f"index must point into the {n} references, got range "
+                f"{int(index.min())}..{int(index.max())}"
+            )
+        index = index.to(x.device, non_blocking=True)
         with exact_fp32():
             y = self.conv(x)
-        if self.ref_input.shape == x.shape and self.ref_input.device == x.device:
-            self.ref_input.copy_(x)
-            self.ref_output.copy_(y)
-        else:
-            self.ref_input = x.clone()
-            self.ref_output = y
+        # capacity for the batch (every row its own image at most): same buffers batch after batch
+        capacity = max(n, index.numel())
+        same = (
+            self.ref_index.shape == index.shape
+            and self.ref_input.shape[0] >= n
+            and self.ref_input.shape[1:] == x.shape[1:]
+            and self.ref_output.shape[1:] == y.shape[1:]
+            and self.ref_input.device == x.device
+        )
+        if not same:
+            self.ref_input = torch.empty(
+                (capacity, *x.shape[1:]), dtype=x.dtype, device=x.device
+            ).contiguous(memory_format=memory_layout(x))
+            self.ref_output = torch.empty(
+                (capacity, *y.shape[1:]), dtype=y.dtype, device=y.device
+            ).contiguous(memory_format=memory_layout(y))
+            self.ref_index = index.clone()
+        self.ref_input[:n].copy_(x)
+        self.ref_output[:n].copy_(y)
+        self.ref_index.copy_(index)
 
     def forward(self, z: Tensor) -> Tensor:
         """(B, C, H, W) input -> the convolution's output (fp32, or the autocast dtype)."""
         device_type = z.device.type
-        if not torch.is_autocast_enabled(device_type) or self.ref_input.shape != z.shape:
+        if (
+            not torch.is_autocast_enabled(device_type)
+            or self.ref_index.shape[0] != z.shape[0]
+            or self.ref_input.shape[1:] != z.shape[1:]
+        ):
             return _fp32_layer(self.conv, z)
         d_out = self.perturbation_term(z)
-        return (self.ref_output + d_out.float()).to(d_out.dtype)
+        return (self.ref_output[self.ref_index] + d_out.float()).to(d_out.dtype)
 
     def perturbation_term(self, z: Tensor) -> Tensor:
         """conv(z − ref) without bias, in the autocast dtype (call under autocast, after
         :meth:`set_reference` with a batch of z's shape)."""
-        delta = z.float() - self.ref_input
+        delta = z.float() - self.ref_input[self.ref_index]
         conv = self.conv
         if self.block > 1:
             padding = conv.padding  # an int pair: string padding gets no space-to-depth
@@ -179,8 +214,8 @@ class _ReferencesSet(Exception):
 
 
 @torch.no_grad()
-def set_stem_references(model: nn.Module, x: Tensor) -> None:
-    """Give each :class:`SplitStem` of ``model`` the input it receives for the clean batch ``x``.
+def set_stem_references(model: nn.Module, x: Tensor, index: Tensor | None = None) -> None:
+    """Give each :class:`SplitStem` of ``model`` the input it receives for the clean images ``x``.
 
     A stem sees the model's input after whatever comes first (a backbone's ImageNet normalisation,
     for one), so that input, not ``x``, is the reference that makes ``z − ref`` the small
@@ -188,6 +223,9 @@ def set_stem_references(model: nn.Module, x: Tensor) -> None:
     full-size change, and rounding it would erase the perturbation the split exists to keep. The
     model runs in exact fp32 up to the last stem and stops there. ``model`` is the module itself,
     not a compiled wrapper (the stop is an exception raised in a forward pre-hook).
+
+    x: (U, C, H, W) the distinct clean images of a batch; index: (B,) int64 each row's image in
+    ``x`` (None: row i is image i).
     """
     stems = [m for m in model.modules() if isinstance(m, SplitStem)]
     if not stems:
@@ -196,7 +234,7 @@ def set_stem_references(model: nn.Module, x: Tensor) -> None:
 
     def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
         assert isinstance(module, SplitStem)
-        module.set_reference(args[0])
+        module.set_reference(args[0], index)
         waiting.discard(id(module))
         if not waiting:
             raise _ReferencesSet

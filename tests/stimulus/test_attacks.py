@@ -480,3 +480,43 @@ def test_a_split_stem_the_forward_never_reaches_is_named() -> None:
 
     with pytest.raises(RuntimeError, match=r"never reached the split stem.*unused"):
         set_stem_references(Detour(), torch.rand(2, *SHAPE))
+
+
+def test_rows_that_share_an_image_share_its_stem_reference() -> None:
+    """The split stem keeps one reference per distinct image of the batch and maps rows to them;
+    the attack is the one it would be with a reference per row, and the buffers stay in place
+    from batch to batch (a compiled model reading them is not recompiled)."""
+    from itloop.models import ITModel
+
+    model = ITModel.build("resnet18", 3, input_hw=(32, 32), seed=0)
+    cfg = AttackConfig(steps=3, batch_size=6, fuse_conv_relu=False)
+    images = on_grid(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = images[index]
+    site = torch.tensor([0, 0, 1, 1, 2, 2])
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    eps = torch.full((6,), 0.5)
+    per_row = AttackEngine(model, cfg)
+    per_row.prepare(x)
+    d_rows, f_rows = per_row.pgd(x, site, sign, eps, list(range(6)), 3)
+    shared = AttackEngine(model, cfg)
+    fast = shared.prepare(x)
+    d_shared, f_shared = shared.pgd(x, site, sign, eps, list(range(6)), 3, clean=(images, index))
+    assert torch.equal(d_shared, d_rows)
+    assert torch.equal(f_shared, f_rows)
+    stem = next(m for m in fast.modules() if isinstance(m, SplitStem))
+    mean, std = model.backbone.mean, model.backbone.std
+    assert torch.equal(stem.ref_index, index)
+    assert stem.ref_input.shape[0] == 6  # room for a batch of distinct images
+    assert torch.allclose(stem.ref_input[:3], (images - mean) / std, atol=1e-6)
+    pointers = (stem.ref_input.data_ptr(), stem.ref_output.data_ptr())
+    two = torch.tensor([1, 1, 1, 0, 0, 0])
+    shared.pgd(images[:2][two], site, sign, eps, list(range(6)), 3, clean=(images[:2], two))
+    assert (stem.ref_input.data_ptr(), stem.ref_output.data_ptr()) == pointers
+    assert torch.equal(stem.ref_index, two)
+    with pytest.raises(
+        ValueError, match=r"index must point into the 2 references, got range 0\.\.5"
+    ):
+        stem.set_reference(images[:2], torch.arange(6))
+    with pytest.raises(ValueError, match=r"clean's index must be \(6,\), got \(5,\)"):
+        shared.pgd(x, site, sign, eps, list(range(6)), 3, clean=(images, index[:5]))
