@@ -425,7 +425,7 @@ class AttackEngine:
             else contextlib.nullcontext()
         )
         with torch.no_grad(), ctx:
-            out = self._fast(z)
+            out: Tensor = self._fast(z)
         return out.float().gather(1, site.unsqueeze(1)).squeeze(1)
 
     def predict(self, images: Tensor, site_index: Tensor | None = None) -> Tensor:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,3 +51,29 @@ def test_wrong_inputs_are_refused(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     with pytest.raises(ValueError, match="JPEG"):
         decode_png((tmp_path / "a.jpg").read_bytes())
+
+
+def test_png_is_standard_rgb_with_up_filtered_scanlines() -> None:
+    """The encoder writes the PNG format itself: PIL reads it back exactly, every scanline is
+    Up-filtered, and a smooth image compresses well below its raw size."""
+    ramp = torch.arange(40 * 30, dtype=torch.int64).view(1, 40, 30) // 7
+    smooth = (ramp + torch.tensor([0, 40, 90]).view(3, 1, 1)).clamp(0, 255).to(torch.uint8)
+    for lv in (smooth, _levels(2), _levels(3)[:, :1]):
+        data = encode_png(lv.numpy())
+        assert data == encode_png(lv)
+        with Image.open(io.BytesIO(data)) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (lv.shape[2], lv.shape[1]))
+            assert np.array_equal(np.asarray(img).transpose(2, 0, 1), lv.numpy())
+        kind = data[12:16]
+        assert kind == b"IHDR"
+        pos, idat = 8, b""
+        while pos < len(data):
+            (n,) = struct.unpack(">I", data[pos : pos + 4])
+            if data[pos + 4 : pos + 8] == b"IDAT":
+                idat += data[pos + 8 : pos + 8 + n]
+            pos += 12 + n
+        raw = zlib.decompress(idat)
+        stride = 3 * lv.shape[2] + 1
+        assert len(raw) == stride * lv.shape[1]
+        assert set(raw[::stride]) == {2}
+    assert len(encode_png(smooth)) < smooth.numel() / 4
