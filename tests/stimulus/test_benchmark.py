@@ -29,7 +29,13 @@ def test_quick_benchmark_prints_valid_json_with_both_attacks(
     assert q["torchattacks_continuous"] > 0
     assert q["ours_quantised_realised_eps_over_requested_max"] <= 1.0
     assert printed["lab_day"]["rows"] == 200 * 42 * 6 * 2
-    assert printed["lab_day"]["estimate_s"] > 0
+    day = printed["lab_day"]
+    assert day["estimate_s"] > 0
+    short, long = day["measured_slices"]
+    assert long["batches"] == short["batches"] + 3
+    assert long["kept_stimuli"] == long["rows"] // 2  # one sign of each (image, site, ε)
+    assert long["pngs_stored"] == long["kept_stimuli"] + long["rows"] // 12  # and the clean ones
+    assert day["estimate_s"] >= short["wall_s"]
     assert printed["flop_per_image_step"]["counted"] > 0
 
 
