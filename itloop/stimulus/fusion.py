@@ -263,19 +263,16 @@ class Conv1x1Matmul(nn.Module):
 
 
 class _MaxPool3x3s2(torch.autograd.Function):
-    """3×3 max pool, stride 2, padding 1 (and a ReLU after it, optionally), whose backward is one
-    pass over the input's gradient.
+    """3×3 max pool, stride 2, padding 1, whose backward is one pass over the input's gradient.
 
     The forward keeps, per output, which of its 9 inputs won (int8). An input at an even
     row/column belongs to one window along that axis (as its centre), one at an odd position to
     two (as the last of one and the first of the next), so each input's gradient is a sum of at
-    most 4 masked output gradients, a single gather that writes every input gradient once. With
-    the ReLU, a window whose maximum is not positive keeps -1, which no input matches: the ReLU's
-    mask costs nothing in the backward.
+    most 4 masked output gradients, a single gather that writes every input gradient once.
     """
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, relu: bool) -> Tensor:
+    def forward(ctx: Any, y: Tensor) -> Tensor:
         _b, _c, h, w = y.shape
         ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         yp = F.pad(y.permute(0, 2, 3, 1), (0, 0, 1, 2 * wo - w, 1, 2 * ho - h), value=-torch.inf)
@@ -287,15 +284,12 @@ class _MaxPool3x3s2(torch.autograd.Function):
             better = cand > best  # strict: ties go to the first in scan order, as in PyTorch
             best = torch.where(better, cand, best)
             code = torch.where(better, torch.full_like(code, k), code)
-        if relu:  # relu'(m) = 0 for m <= 0, as in PyTorch
-            code = torch.where(best > 0, code, torch.full_like(code, -1))
-            best = torch.clamp_min(best, 0)
         ctx.save_for_backward(code)
         ctx.hw = (h, w)
         return best.permute(0, 3, 1, 2)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         (code,) = ctx.saved_tensors
         h, w = ctx.hw
         b, ho, wo, c = code.shape
@@ -314,30 +308,21 @@ class _MaxPool3x3s2(torch.autograd.Function):
         oo = part(2, 2, 0, 0) + part(2, 0, 0, 1) + part(0, 2, 1, 0) + part(0, 0, 1, 1)
         rows = torch.stack([torch.stack([ee, eo], dim=3), torch.stack([oe, oo], dim=3)], dim=2)
         full = rows.reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w]
-        return full.permute(0, 3, 1, 2), None
+        return full.permute(0, 3, 1, 2)
 
 
-def max_pool_3x3_s2(y: Tensor, *, relu: bool = False) -> Tensor:
-    """``F.max_pool2d(y, 3, 2, 1)`` of (B, C, H, W) ``y`` (then ReLU, with ``relu``) with a
-    single-pass backward."""
-    out: Tensor = _MaxPool3x3s2.apply(y, relu)
+def max_pool_3x3_s2(y: Tensor) -> Tensor:
+    """``F.max_pool2d(y, 3, 2, 1)`` of (B, C, H, W) ``y`` with a single-pass backward."""
+    out: Tensor = _MaxPool3x3s2.apply(y)
     return out
 
 
 class MaxPool3x3s2(nn.Module):
-    """``nn.MaxPool2d(3, 2, 1)``, followed by a ReLU where ``relu``, computed by
-    :func:`max_pool_3x3_s2`."""
-
-    def __init__(self, *, relu: bool = False) -> None:
-        super().__init__()
-        self.relu = relu
+    """``nn.MaxPool2d(3, 2, 1)`` computed by :func:`max_pool_3x3_s2`."""
 
     def forward(self, y: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
-        return max_pool_3x3_s2(y, relu=self.relu)
-
-    def extra_repr(self) -> str:
-        return f"relu={self.relu}"
+        return max_pool_3x3_s2(y)
 
 
 def _is_resnet_pool(m: nn.Module) -> bool:
@@ -461,7 +446,8 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_poo
             replace_submodule(gm, str(node.target), Conv1x1Matmul(mod, relu=False))
             fused += 1
         elif max_pool and mod is not None and _is_resnet_pool(mod):
-            replace_submodule(gm, str(node.target), MaxPool3x3s2(relu=_absorb_relu(gm, node)))
+            replace_submodule(gm, str(node.target), MaxPool3x3s2())
+            _pool_before_relu(gm, node)
             fused += 1
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -469,14 +455,13 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_poo
     return fused
 
 
-def _absorb_relu(gm: fx.GraphModule, pool: fx.Node) -> bool:
-    """maxpool(relu(y)) -> relu(maxpool(y)) computed by the pool, where the ReLU feeds only the
-    pool; True if it did.
+def _pool_before_relu(gm: fx.GraphModule, pool: fx.Node) -> None:
+    """maxpool(relu(y)) -> relu(maxpool(y)) where the ReLU feeds only the pool.
 
     The same values (max is monotone), and the same gradient: a window whose maximum is positive
     picks the same input either way, one whose maximum is not has a zero gradient either way. The
-    pool then keeps no full-resolution activation for the ReLU's backward, and no mask at all: a
-    window with no positive maximum records that no input won it.
+    pool then keeps no full-resolution activation for the ReLU's backward: its mask is the pooled
+    output's, a quarter of the size.
     """
     relu = pool.args[0]
     if not (
@@ -485,10 +470,12 @@ def _absorb_relu(gm: fx.GraphModule, pool: fx.Node) -> bool:
         and len(relu.users) == 1
         and isinstance(relu.args[0], fx.Node)
     ):
-        return False
+        return
     pool.args = (relu.args[0], *pool.args[1:])
+    with gm.graph.inserting_after(pool):
+        after = gm.graph.call_function(torch.relu, (pool,))
+    pool.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
     gm.graph.erase_node(relu)
-    return True
 
 
 def _fuse_module(module: nn.Module, **options: bool) -> tuple[nn.Module, int]:
