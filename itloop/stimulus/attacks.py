@@ -543,11 +543,10 @@ class AttackEngine:
             sign = r.sign.to(device=device, dtype=torch.float32)
             eps = r.eps_l2.to(device=device, dtype=torch.float32)
             lv = clean_levels[img]
-            fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-            x = from_levels(lv).contiguous(memory_format=fmt)
+            x = from_levels(lv)
             # the batch's distinct images: rows of one image (its ε × signs) share its reference
             distinct, inverse = torch.unique(r.image_index, return_inverse=True)
-            images = from_levels(clean_levels[distinct.to(device)]).contiguous(memory_format=fmt)
+            images = from_levels(clean_levels[distinct.to(device)])
             self.prepare(x)
         with record_function("itloop.run.pgd"):
             delta, pred = self.pgd(
@@ -596,7 +595,7 @@ class AttackEngine:
         zp = torch.cat([z, z[-1:].expand(extra, *z.shape[1:])])
         sp = torch.cat([site, site[-1:].expand(extra)])
         gp = torch.cat([sign, sign[-1:].expand(extra)])
-        return self._grad(zp.contiguous(memory_format=torch.channels_last), sp, gp)[0][:n]
+        return self._grad(zp.contiguous(), sp, gp)[0][:n]
 
     def pgd(
         self,
@@ -624,6 +623,13 @@ class AttackEngine:
         cfg = self.config
         n_steps = cfg.steps if steps is None else steps
         iters = cfg.projection_iterations
+        # One layout (NCHW) for the images, δ, the gradient and x + δ: every pass of the compiled
+        # step then reads and writes them in the same order (the network's activations are
+        # channels_last from its first convolution on). A channels_last x mixed with the NCHW
+        # gradient made the step read x across its channels and write x + δ in a pass of its own.
+        x = x.contiguous()
+        if clean is not None:
+            clean = (clean[0].contiguous(), clean[1])
         if clean is not None and tuple(clean[1].shape) != (x.shape[0],):
             raise ValueError(f"clean's index must be ({x.shape[0]},), got {tuple(clean[1].shape)}")
         with record_function("itloop.run.random_start"):

@@ -519,9 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         projection_iterations=args.projection_iterations,
     )
     engine = AttackEngine(model, config)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = images[rows.image_index.to(device)].contiguous(memory_format=fmt)
-    clean = (images.contiguous(memory_format=fmt), rows.image_index)  # each image's two signs
+    x = images[rows.image_index.to(device)].contiguous()
+    clean = (images.contiguous(), rows.image_index)  # each image's two signs
     site = rows.site_index.to(device)
     sign = rows.sign.to(device=device, dtype=torch.float32)
     eps_rows = rows.eps_l2.to(device=device, dtype=torch.float32)

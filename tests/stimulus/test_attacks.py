@@ -520,3 +520,30 @@ def test_rows_that_share_an_image_share_its_stem_reference() -> None:
         stem.set_reference(images[:2], torch.arange(6))
     with pytest.raises(ValueError, match=r"clean's index must be \(6,\), got \(5,\)"):
         shared.pgd(x, site, sign, eps, list(range(6)), 3, clean=(images, index[:5]))
+
+
+def test_the_loop_keeps_images_perturbation_and_gradient_in_one_layout() -> None:
+    """Images arriving channels_last are taken as NCHW, the layout of δ and of the gradient, so
+    that every pass of the step reads x, δ and the gradient in one order."""
+    from itloop.models import ITModel
+
+    model = ITModel.build("resnet18", 2, input_hw=(32, 32), seed=0)
+    engine = AttackEngine(model, AttackConfig(steps=2, batch_size=2, fuse_conv_relu=False))
+    x = on_grid(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    engine.prepare(x)
+    seen: list[tuple[bool, bool]] = []
+    grad = engine._grad
+
+    def recording(z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+        g, v = grad(z, site, sign)
+        seen.append((z.is_contiguous(), g.is_contiguous()))
+        return g, v
+
+    engine._grad = recording  # type: ignore[method-assign]
+    delta, _ = engine.pgd(
+        x, torch.tensor([0, 1]), torch.tensor([1.0, -1.0]), torch.ones(2), [0, 1], 0
+    )
+    assert seen == [(True, True)] * 2
+    assert delta.is_contiguous()
