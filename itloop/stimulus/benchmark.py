@@ -149,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the lab-day figure's long slice has this many batches more than its short one, "
         "which has 2 (default 3)",
     )
+    p.add_argument(
+        "--lab-day-chunk-sites",
+        type=int,
+        default=8,
+        help="sites in each of the worker's generation chunks, for its lab-day figure (default "
+        "%(default)s, the worker's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="tiny CPU config: seconds, for tests")
@@ -369,6 +376,37 @@ def _put_png(directory: Path, data: bytes) -> str:
     return write_png_bytes(data, directory)[0]
 
 
+def _extrapolate_day(
+    short: dict[str, Any],
+    long: dict[str, Any],
+    batch: int,
+    extra_per_batch_s: float,
+    chunk_sites: int,
+) -> dict[str, float]:
+    """A lab day's seconds from two slices (``wall_s`` over ``batches``): the steady-state time of
+    a batch is their difference per batch, and what the short slice took beyond its batches comes
+    once per run. ``one_run_s``: the day as one run; ``worker_s``: as the worker makes it, one run
+    per chunk of ``chunk_sites`` sites (each with its own last, padded batch).
+    ``extra_per_batch_s`` is added to every batch (the steps the slices did not run)."""
+    per_batch_s = float(long["wall_s"] - short["wall_s"]) / max(
+        int(long["batches"]) - int(short["batches"]), 1
+    )
+    once_s = float(short["wall_s"]) - int(short["batches"]) * per_batch_s
+    site_rows = LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
+
+    def run_s(sites: int) -> float:
+        batches = math.ceil(sites * site_rows / batch)
+        return once_s + batches * (per_batch_s + extra_per_batch_s)
+
+    n_sites = LAB_DAY["sites"]
+    chunks = [min(chunk_sites, n_sites - first) for first in range(0, n_sites, chunk_sites)]
+    return {
+        "per_batch_s": per_batch_s,
+        "one_run_s": run_s(n_sites),
+        "worker_s": sum(run_s(sites) for sites in chunks),
+    }
+
+
 def _lab_day(
     engine: AttackEngine,
     args: argparse.Namespace,
@@ -392,35 +430,34 @@ def _lab_day(
     b, steps = args.batch, args.steps
     short = _lab_day_slice(engine, args, hw, device, gen, 2)
     long = _lab_day_slice(engine, args, hw, device, gen, 2 + max(1, args.lab_day_batches))
-    per_batch_s = (long["wall_s"] - short["wall_s"]) / max(long["batches"] - short["batches"], 1)
     extra_per_batch_s = pgd_batch_s * (LAB_DAY["steps"] - steps) / max(steps, 1)
+    chunk_sites = max(1, args.lab_day_chunk_sites)
     day_rows = LAB_DAY["sites"] * LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
-    day_batches = math.ceil(day_rows / b)
-    total = (
-        short["wall_s"]
-        + (day_batches - short["batches"]) * per_batch_s
-        + day_batches * extra_per_batch_s
-    )
+    day = _extrapolate_day(short, long, b, extra_per_batch_s, chunk_sites)
     in_rows = (long["wall_s"] + long["batches"] * extra_per_batch_s) * day_rows / long["rows"]
     return {
         "protocol": LAB_DAY,
         "eps_l2": list(LAB_DAY_EPS),
         "rows": day_rows,
-        "batches": day_batches,
+        "batches": math.ceil(day_rows / b),
         "image_steps": day_rows * LAB_DAY["steps"],
         "measured_slices": [short, long],
         "steps": steps,
-        "batch_steady_state_s": round(per_batch_s, 3),
-        "estimate_s": round(total, 1),
-        "estimate_min": round(total / 60, 2),
+        "batch_steady_state_s": round(day["per_batch_s"], 3),
+        "estimate_s": round(day["one_run_s"], 1),
+        "estimate_min": round(day["one_run_s"] / 60, 2),
         "long_slice_scaled_in_rows_min": round(in_rows / 60, 2),
+        "worker_chunk_sites": chunk_sites,
+        "worker_estimate_min": round(day["worker_s"] / 60, 2),
         "method": (
             "rows of the day's layout attacked batch by batch with AttackEngine (random start, "
             "PGD, budget check, quantisation-aware rounding, exact-fp32 f(x) and f(x+δ)), the "
             "larger change kept, its PNG and the clean images' encoded and stored on CPU threads "
             "while the device runs the next batch (itloop.stimulus.pipeline, as the worker does); "
             "the day is the short slice plus its other batches at the steady-state time of a "
-            "batch (the difference of the two slices)"
+            "batch (the difference of the two slices); worker_estimate_min: the day in the "
+            "worker's chunks of worker_chunk_sites sites, each with the short slice's once-only "
+            "time and its own last, padded batch"
             + (
                 f"; the {LAB_DAY['steps'] - steps} missing steps a batch added at the measured "
                 f"PGD time ({pgd_batch_s:.3f} s a batch for {steps} steps)"
