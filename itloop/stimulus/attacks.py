@@ -397,36 +397,31 @@ class AttackEngine:
         if self._eager is not None:
             set_stem_references(self._eager, images, index)
 
-    def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
+    def _site_outputs(self, z: Tensor, site: Tensor) -> Tensor:
+        """(B, C, H, W) fp32 inputs -> (B,) f_site from the fast model under the loop's autocast."""
         if self._fast is None:
             raise RuntimeError("prepare() first")
         dtype = self.config.autocast_dtype
-        z = z.detach().requires_grad_(True)
         ctx = (
             torch.autocast(z.device.type, dtype=dtype)
             if dtype is not None
             else contextlib.nullcontext()
         )
         with ctx:
-            out = self._fast(z)
-        sel = out.float().gather(1, site.unsqueeze(1)).squeeze(1)
+            out: Tensor = self._fast(z)
+        return out.float().gather(1, site.unsqueeze(1)).squeeze(1)
+
+    def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
+        z = z.detach().requires_grad_(True)
+        sel = self._site_outputs(z, site)
         (grad,) = torch.autograd.grad((sign * sel).sum(), z)
         return grad, sel.detach()
 
     def _score(self, z: Tensor, site: Tensor) -> Tensor:
         """(B, C, H, W) fp32 inputs -> (B,) f_site from the fast model, forward only."""
-        if self._fast is None:
-            raise RuntimeError("prepare() first")
-        dtype = self.config.autocast_dtype
-        ctx = (
-            torch.autocast(z.device.type, dtype=dtype)
-            if dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), ctx:
-            out: Tensor = self._fast(z)
-        return out.float().gather(1, site.unsqueeze(1)).squeeze(1)
+        with torch.no_grad():
+            return self._site_outputs(z, site)
 
     def predict(self, images: Tensor, site_index: Tensor | None = None) -> Tensor:
         """Exact-fp32 predictions of the generating model, in batches.
@@ -629,9 +624,11 @@ class AttackEngine:
         # gradient made the step read x across its channels and write x + δ in a pass of its own.
         x = x.contiguous()
         if clean is not None:
+            if tuple(clean[1].shape) != (x.shape[0],):
+                raise ValueError(
+                    f"clean's index must be ({x.shape[0]},), got {tuple(clean[1].shape)}"
+                )
             clean = (clean[0].contiguous(), clean[1])
-        if clean is not None and tuple(clean[1].shape) != (x.shape[0],):
-            raise ValueError(f"clean's index must be ({x.shape[0]},), got {tuple(clean[1].shape)}")
         with record_function("itloop.run.random_start"):
             if clean is None:
                 self._set_reference(x)

@@ -585,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (delta, _), ours_s = _timed(
         lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, clean=clean), device
     )
-    # pgd() runs steps + 1 forward/backward passes (the last scores the final iterate): count steps.
+    # pgd() runs `steps` forward/backward passes and one forward (scoring the last iterate).
     ours = _rate("itloop AttackEngine.pgd", b, steps, ours_s, flop, peak)
     print(
         f"ours: {ours['image_steps_per_s']} image-steps/s, {ours['tflops']} TFLOP/s",

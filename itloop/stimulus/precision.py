@@ -155,7 +155,7 @@ class SplitStem(nn.Module):
             self.ref_output = torch.empty(
                 (capacity, *y.shape[1:]), dtype=y.dtype, device=y.device
             ).contiguous(memory_format=memory_layout(y))
-            self.ref_index = index.clone()
+            self.ref_index = torch.empty_like(index)
         self.ref_input[:n].copy_(x)
         self.ref_output[:n].copy_(y)
         self.ref_index.copy_(index)
