@@ -44,6 +44,7 @@ from itloop.stimulus.precision import (
 from itloop.stimulus.quantisation import (
     LEVELS,
     from_levels,
+    perturbed_levels,
     quantise_perturbation,
     realised_eps_l2,
     to_levels,
@@ -170,8 +171,8 @@ class AttackResult:
 
     def adversarial_levels(self, clean_levels: Tensor) -> Tensor:
         """(M, C, H, W) uint8 clean images of the job -> (R, C, H, W) uint8 perturbed stimuli."""
-        base = clean_levels[self.image_index].to(torch.int16)
-        return (base + self.delta_levels).to(torch.uint8)
+        base = clean_levels[self.image_index]
+        return torch.from_numpy(perturbed_levels(base.numpy(), self.delta_levels.numpy()))
 
     def take(self, index: Tensor) -> AttackResult:
         """The rows at (K,) int64 index."""
@@ -630,10 +631,8 @@ class AttackEngine:
                 )
             clean = (clean[0].contiguous(), clean[1])
         with record_function("itloop.run.random_start"):
-            if clean is None:
-                self._set_reference(x)
-            else:
-                self._set_reference(*clean)
+            images, index = clean if clean is not None else (x, None)
+            self._set_reference(images, index)
             noise, u = row_noise(base_seed, row_ids, tuple(x.shape[1:]), x.device, draw=self._draw)
             delta = random_start_l2_box(x, eps, noise, u, iterations=iters)
         alpha = eps * cfg.step_ratio

@@ -11,7 +11,6 @@ is one forward plus one input-gradient backward of one image.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -347,7 +346,7 @@ def _lab_day_slice(
     workers = png_workers()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        PngWriter(functools.partial(_put_png, Path(tmp)), workers=workers) as writer,
+        PngWriter(lambda data: write_png_bytes(data, Path(tmp))[0], workers=workers) as writer,
     ):
         _sync(device)
         t0 = time.perf_counter()
@@ -370,10 +369,6 @@ def _lab_day_slice(
         "png_workers": workers,
         "wall_s": round(wall_s, 3),
     }
-
-
-def _put_png(directory: Path, data: bytes) -> str:
-    return write_png_bytes(data, directory)[0]
 
 
 def _extrapolate_day(

@@ -21,6 +21,7 @@ __all__ = [
     "check_levels",
     "from_levels",
     "max_sum_sq_levels",
+    "perturbed_levels",
     "quantise",
     "quantise_perturbation",
     "realised_eps_l2",
@@ -39,6 +40,15 @@ def to_levels(x: Tensor) -> Tensor:
 def from_levels(levels: Tensor) -> Tensor:
     """(..., C, H, W) uint8 levels -> float32 images in [0, 1] (exact multiples of 1/255)."""
     return levels.float() / LEVELS
+
+
+def perturbed_levels(clean_levels: np.ndarray, delta_levels: np.ndarray) -> np.ndarray:
+    """uint8 clean levels + int16 level changes (same shape, changes within [0, 255] of the clean
+    image, as :func:`quantise_perturbation` makes them) -> the uint8 perturbed levels. In numpy:
+    it runs on the PNG threads, where each torch call would give the GIL up and take it back."""
+    image = clean_levels.astype(np.int16)
+    image += delta_levels
+    return image.astype(np.uint8)
 
 
 def quantise(x: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from itloop.stimulus import (
     realised_eps_l2,
     to_levels,
 )
+from itloop.stimulus.quantisation import perturbed_levels
 
 SHAPE = (3, 6, 6)
 
@@ -91,3 +93,12 @@ def test_levels_round_trip_exactly() -> None:
     q = quantise(x)
     assert float((q - x).abs().max()) <= 0.5 / 255 + 1e-7
     assert torch.equal(quantise(q), q)
+
+
+def test_perturbed_levels_add_the_changes_to_the_clean_image() -> None:
+    clean = np.array([[0, 10, 255], [128, 1, 254]], dtype=np.uint8)
+    k = np.array([[5, -10, 0], [-128, 254, 1]], dtype=np.int16)
+    out = perturbed_levels(clean, k)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[5, 0, 255], [0, 255, 255]]
+    assert clean.tolist() == [[0, 10, 255], [128, 1, 254]]  # the clean image is left as it was
