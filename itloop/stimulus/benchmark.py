@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="first conv as exact conv(x) + bf16 conv(δ) (default) or one fp32 conv of x + δ",
     )
     p.add_argument(
+        "--stem-output-block",
+        type=int,
+        default=AttackConfig.stem_output_block,
+        metavar="T",
+        help="the split stem computes T×T output blocks per position (default %(default)s; "
+        "1: plain space-to-depth)",
+    )
+    p.add_argument(
         "--fuse-conv-relu",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -544,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile=use_compile,
         compile_mode=args.compile_mode,
         split_first_conv=args.split_first_conv,
+        stem_output_block=args.stem_output_block,
         fuse_conv_relu=args.fuse_conv_relu,
         fuse_blocks=args.fuse_blocks,
         matmul_1x1=args.matmul_1x1,
@@ -591,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "autocast": "bf16" if dtype else "fp32",
         "first_conv": (
             "split: exact-fp32 conv(x) once per batch + autocast conv(δ), "
-            f"input channels padded to a multiple of {config.stem_channel_multiple}"
+            f"input channels padded to a multiple of {config.stem_channel_multiple}, "
+            f"{config.stem_output_block}×{config.stem_output_block} output blocks"
             if dtype and config.split_first_conv
             else "fp32 input, autocast off"
         ),

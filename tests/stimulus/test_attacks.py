@@ -300,6 +300,7 @@ def test_perturbation_conv_backward_reads_the_gradient_in_its_own_dtype_and_layo
     assert float((z.grad - zf.grad).norm() / zf.grad.norm()) < 0.01
 
 
+@pytest.mark.parametrize("output_block", [1, 2, 3])
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "hw"),
     [
@@ -312,23 +313,44 @@ def test_perturbation_conv_backward_reads_the_gradient_in_its_own_dtype_and_layo
     ],
 )
 def test_space_to_depth_stem_equals_the_strided_convolution(
-    kernel: int, stride: int, padding: int, hw: tuple[int, int]
+    kernel: int, stride: int, padding: int, hw: tuple[int, int], output_block: int
 ) -> None:
+    """The blocked stem is the strided convolution, forward and input gradient, for any output
+    block (t×t outputs per position from (s·t)² input blocks), also where t does not divide the
+    output size."""
     g = torch.Generator().manual_seed(kernel * 10 + stride)
     conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-    stem = SplitStem(conv)
+    stem = SplitStem(conv, output_block=output_block)
     assert stem.block == stride
+    assert stem.output_block == (output_block if stride > 1 else 1)
     assert stem.padded_channels % 8 == 0
     x = torch.rand(2, 3, *hw, generator=g).contiguous(memory_format=torch.channels_last)
     delta = torch.randn(x.shape, generator=g)
     stem.set_reference(x)
-    with torch.no_grad():
-        term = stem.perturbation_term(x + delta)
-        exact = conv(delta)
+    z = (x + delta).requires_grad_(True)
+    term = stem.perturbation_term(z)
+    d = delta.clone().requires_grad_(True)
+    exact = conv(d)
     assert term.shape == exact.shape
-    assert float((term - exact).abs().max() / exact.abs().max()) < 1e-5
+    assert float((term - exact).detach().abs().max() / exact.detach().abs().max()) < 1e-5
+    upstream = torch.randn(exact.shape, generator=g)
+    (term * upstream).sum().backward()
+    (exact * upstream).sum().backward()
+    assert z.grad is not None
+    assert d.grad is not None
+    assert float((z.grad - d.grad).abs().max() / d.grad.abs().max()) < 1e-5
+
+
+def test_stem_output_blocks_widen_the_convolution() -> None:
+    """ResNet's 7×7/2 stem on 3 channels: 4×4 from 12 (padded to 16) to 64 channels with t = 1,
+    3×3 from 48 to 256 with t = 2."""
+    conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+    assert tuple(SplitStem(conv, output_block=1).weight_padded.shape) == (64, 16, 4, 4)
+    assert tuple(SplitStem(conv, output_block=2).weight_padded.shape) == (256, 48, 3, 3)
+    with pytest.raises(ValueError, match="output_block must be >= 1, got 0"):
+        SplitStem(conv, output_block=0)
 
 
 def test_first_layer_input_stays_fp32_without_the_split() -> None:

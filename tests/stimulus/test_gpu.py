@@ -78,7 +78,10 @@ def test_cuda_split_stem_keeps_the_perturbation() -> None:
     assert float((whole - exact).norm() / exact.norm()) > 0.05
 
 
-def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution() -> None:
+@pytest.mark.parametrize("output_block", [1, 2])
+def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution(
+    output_block: int,
+) -> None:
     """The stem's data-gradient convolution gets its gradient in its dtype and layout from the
     compiled graph: cuDNN's entry point then copies nothing (an fp32 NCHW gradient cost two extra
     passes over the full-resolution activation)."""
@@ -86,7 +89,7 @@ def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution
 
     cl = torch.channels_last
     conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=True).cuda().requires_grad_(False)
-    stem = SplitStem(conv).to(memory_format=cl)
+    stem = SplitStem(conv, output_block=output_block).to(memory_format=cl)
     x = on_grid(torch.rand(16, 3, 96, 96, device="cuda")).contiguous(memory_format=cl)
     stem.set_reference(x)
     w = torch.randn(16, 64, 48, 48, device="cuda")  # an fp32 NCHW upstream gradient
@@ -114,8 +117,10 @@ def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution
         return out
 
     found = [c for e in convs for c in copies(e)]
-    # the weight (64, 16, 4, 4) may be re-laid out; the (16, 64, 48, 48) gradient must not be
-    full_size = [c for c in found if [16, 64, 48, 48] in list(c[1])]
+    # the weight may be re-laid out; the gradient of the blocked convolution's output, (16, 64,
+    # 48, 48) for 1×1 output blocks and (16, 256, 24, 24) for 2×2, must not be
+    blocks = [16, int(stem.weight_padded.shape[0]), 48 // output_block, 48 // output_block]
+    full_size = [c for c in found if blocks in list(c[1])]
     assert full_size == [], found
     zf = z.detach().clone().requires_grad_(True)
     with exact_fp32():
