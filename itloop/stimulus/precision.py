@@ -430,7 +430,7 @@ class _BlockedGeometry:
         if t == 1:
             return y
         b, _, hb, wb = y.shape
-        y = y.unflatten(1, (t, t, -1)).permute(0, 3, 4, 1, 5, 2)
+        y = y.reshape(b, t, t, -1, hb, wb).permute(0, 3, 4, 1, 5, 2)
         y = y.reshape(b, -1, hb * t, wb * t)
         return y[:, :, : self.out_hw[0], : self.out_hw[1]]
 
