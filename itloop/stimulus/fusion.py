@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itloop.stimulus.pooling import MaxPool3x3s2
 from itloop.stimulus.precision import (
     Fp32Input,
     SplitStem,
@@ -44,12 +45,10 @@ from itloop.stimulus.precision import (
 __all__ = [
     "Conv1x1Matmul",
     "FusedConvReLU",
-    "MaxPool3x3s2",
     "conv_bias_relu",
     "count_fused",
     "cudnn_fusable",
     "fuse_conv_relu",
-    "max_pool_3x3_s2",
 ]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -262,69 +261,6 @@ class Conv1x1Matmul(nn.Module):
         return torch.relu(y) if self.relu else y
 
 
-class _MaxPool3x3s2(torch.autograd.Function):
-    """3×3 max pool, stride 2, padding 1, whose backward is one pass over the input's gradient.
-
-    The forward keeps, per output, which of its 9 inputs won (int8). An input at an even
-    row/column belongs to one window along that axis (as its centre), one at an odd position to
-    two (as the last of one and the first of the next), so each input's gradient is a sum of at
-    most 4 masked output gradients, a single gather that writes every input gradient once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, y: Tensor) -> Tensor:
-        _b, _c, h, w = y.shape
-        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        yp = F.pad(y.permute(0, 2, 3, 1), (0, 0, 1, 2 * wo - w, 1, 2 * ho - h), value=-torch.inf)
-        best = yp[:, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
-        code = torch.zeros(best.shape, dtype=torch.int8, device=y.device)
-        for k in range(1, 9):
-            kr, kc = divmod(k, 3)
-            cand = yp[:, kr : kr + 2 * ho : 2, kc : kc + 2 * wo : 2]
-            better = cand > best  # strict: ties go to the first in scan order, as in PyTorch
-            best = torch.where(better, cand, best)
-            code = torch.where(better, torch.full_like(code, k), code)
-        ctx.save_for_backward(code)
-        ctx.hw = (h, w)
-        return best.permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (code,) = ctx.saved_tensors
-        h, w = ctx.hw
-        b, ho, wo, c = code.shape
-        g = F.pad(grad.permute(0, 2, 3, 1), (0, 0, 0, 1, 0, 1))
-        cp = F.pad(code, (0, 0, 0, 1, 0, 1), value=-1)
-        zero = torch.zeros((), dtype=g.dtype, device=g.device)
-
-        def part(kr: int, kc: int, dr: int, dc: int) -> Tensor:
-            gs = g[:, dr : dr + ho, dc : dc + wo]
-            cs = cp[:, dr : dr + ho, dc : dc + wo]
-            return torch.where(cs == 3 * kr + kc, gs, zero)
-
-        ee = part(1, 1, 0, 0)
-        eo = part(1, 2, 0, 0) + part(1, 0, 0, 1)
-        oe = part(2, 1, 0, 0) + part(0, 1, 1, 0)
-        oo = part(2, 2, 0, 0) + part(2, 0, 0, 1) + part(0, 2, 1, 0) + part(0, 0, 1, 1)
-        rows = torch.stack([torch.stack([ee, eo], dim=3), torch.stack([oe, oo], dim=3)], dim=2)
-        full = rows.reshape(b, 2 * ho, 2 * wo, c)[:, :h, :w]
-        return full.permute(0, 3, 1, 2)
-
-
-def max_pool_3x3_s2(y: Tensor) -> Tensor:
-    """``F.max_pool2d(y, 3, 2, 1)`` of (B, C, H, W) ``y`` with a single-pass backward."""
-    out: Tensor = _MaxPool3x3s2.apply(y)
-    return out
-
-
-class MaxPool3x3s2(nn.Module):
-    """``nn.MaxPool2d(3, 2, 1)`` computed by :func:`max_pool_3x3_s2`."""
-
-    def forward(self, y: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
-        return max_pool_3x3_s2(y)
-
-
 def _is_resnet_pool(m: nn.Module) -> bool:
     def pair(v: Any) -> tuple[int, int]:
         return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -448,6 +384,7 @@ def _fuse_graph(gm: fx.GraphModule, *, matmul_1x1: bool, mm_dgrad: bool, max_poo
         elif max_pool and mod is not None and _is_resnet_pool(mod):
             replace_submodule(gm, str(node.target), MaxPool3x3s2())
             _pool_before_relu(gm, node)
+            _pool_into_stem(gm, node)
             fused += 1
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -476,6 +413,24 @@ def _pool_before_relu(gm: fx.GraphModule, pool: fx.Node) -> None:
         after = gm.graph.call_function(torch.relu, (pool,))
     pool.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
     gm.graph.erase_node(relu)
+
+
+def _pool_into_stem(gm: fx.GraphModule, pool: fx.Node) -> None:
+    """split stem → (Identity) → pool, each the only consumer of the one before: the stem pools.
+
+    A :class:`~itloop.stimulus.precision.SplitStem` that pools its own output can do so in the
+    2×2 blocks it computes, so its gradient never changes layout (``SplitStem.max_pool``).
+    """
+    source = pool.args[0]
+    if not isinstance(source, fx.Node) or len(source.users) != 1:
+        return
+    stem_node = _through_identity(gm, source)
+    stem = _module(gm, stem_node)
+    if not isinstance(stem, SplitStem) or len(stem_node.users) != 1 or stem.max_pool:
+        return
+    stem.max_pool = True
+    pool.replace_all_uses_with(source)
+    gm.graph.erase_node(pool)
 
 
 def _fuse_module(module: nn.Module, **options: bool) -> tuple[nn.Module, int]:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itloop.stimulus.pooling import max_pool_3x3_s2, max_pool_3x3_s2_blocks
+
 __all__ = [
     "Fp32Input",
     "SplitStem",
@@ -79,6 +81,12 @@ class SplitStem(nn.Module):
     ε × signs reads one reference (from cache) instead of one per row. The references live in
     buffers updated in place, so a compiled model that reads them is not recompiled when the batch
     changes.
+
+    ``max_pool`` (set by :func:`~itloop.stimulus.fusion.fuse_conv_relu` where the stem's only
+    consumer is the ResNet stem's 3×3/2 max pool) makes the stem return the pooled map. With 2×2
+    output blocks it then pools the blocks as the convolution computes them and keeps its
+    references in that layout, so neither direction converts a full-resolution map between
+    layouts (:func:`~itloop.stimulus.pooling.max_pool_3x3_s2_blocks`).
     """
 
     ref_input: Tensor
@@ -127,6 +135,18 @@ class SplitStem(nn.Module):
         self.register_buffer("ref_input", torch.zeros(0), persistent=False)
         self.register_buffer("ref_output", torch.zeros(0), persistent=False)
         self.register_buffer("ref_index", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self._max_pool = False
+
+    @property
+    def max_pool(self) -> bool:
+        """Whether the stem returns its output max-pooled (3×3, stride 2, padding 1)."""
+        return self._max_pool
+
+    @max_pool.setter
+    def max_pool(self, value: bool) -> None:
+        if value != self._max_pool:  # the references' layout depends on it: set them again
+            self.ref_index = self.ref_index.new_zeros(0)
+        self._max_pool = bool(value)
 
     @torch.no_grad()
     def set_reference(self, x: Tensor, index: Tensor | None = None) -> None:
@@ -148,6 +168,11 @@ class SplitStem(nn.Module):
         index = index.to(x.device, non_blocking=True)
         with exact_fp32():
             y = self.conv(x)
+        blocked = self._pooled_blocks(x)
+        if blocked is not None:
+            y = blocked.output_to_blocks(y).contiguous(
+                memory_format=memory_layout(self.weight_padded)
+            )
         # capacity for the batch (every row its own image at most): same buffers batch after batch
         capacity = max(n, index.numel())
         same = (
@@ -177,26 +202,43 @@ class SplitStem(nn.Module):
             or self.ref_index.shape[0] != z.shape[0]
             or self.ref_input.shape[1:] != z.shape[1:]
         ):
-            return _fp32_layer(self.conv, z)
-        d_out = self.perturbation_term(z)
-        return (self.ref_output[self.ref_index] + d_out.float()).to(d_out.dtype)
+            y = _fp32_layer(self.conv, z)
+            return max_pool_3x3_s2(y) if self.max_pool else y
+        pool_blocks = self._pooled_blocks(z) is not None
+        d_out = self.perturbation_term(z, blocks=pool_blocks)
+        y = (self.ref_output[self.ref_index] + d_out.float()).to(d_out.dtype)
+        if pool_blocks:
+            return max_pool_3x3_s2_blocks(y)
+        return max_pool_3x3_s2(y) if self.max_pool else y
 
-    def perturbation_term(self, z: Tensor) -> Tensor:
+    def _blocked_geometry(self, x: Tensor) -> _BlockedGeometry | None:
+        """The space-to-depth geometry for inputs of x's size (None: the plain convolution)."""
+        if self.block == 1:
+            return None
+        conv = self.conv
+        padding = conv.padding  # an int pair: string padding gets no space-to-depth
+        assert not isinstance(padding, str)
+        return _BlockedGeometry(
+            (int(x.shape[2]), int(x.shape[3])),
+            (int(conv.kernel_size[0]), int(conv.kernel_size[1])),
+            self.block,
+            (int(padding[0]), int(padding[1])),
+            self.output_block,
+        )
+
+    def _pooled_blocks(self, x: Tensor) -> _BlockedGeometry | None:
+        """The geometry when the max pool runs on 2×2 output blocks for inputs of x's size."""
+        blocked = self._blocked_geometry(x) if self.max_pool and self.output_block == 2 else None
+        return blocked if blocked is not None and blocked.whole_blocks else None
+
+    def perturbation_term(self, z: Tensor, *, blocks: bool = False) -> Tensor:
         """conv(z − ref) without bias, in the autocast dtype (call under autocast, after
-        :meth:`set_reference` with a batch of z's shape)."""
+        :meth:`set_reference` with a batch of z's shape). blocks: return the output as computed,
+        in t×t blocks (B, t²·O, Ho/t, Wo/t) (:class:`_BlockedGeometry`)."""
         delta = z.float() - self.ref_input[self.ref_index]
         conv = self.conv
-        blocked = None
-        if self.block > 1:
-            padding = conv.padding  # an int pair: string padding gets no space-to-depth
-            assert not isinstance(padding, str)
-            blocked = _BlockedGeometry(
-                (int(delta.shape[2]), int(delta.shape[3])),
-                (int(conv.kernel_size[0]), int(conv.kernel_size[1])),
-                self.block,
-                (int(padding[0]), int(padding[1])),
-                self.output_block,
-            )
+        blocked = self._blocked_geometry(delta)
+        if blocked is not None:
             delta = blocked.input_blocks(delta)
         extra = self.padded_channels - delta.shape[1]
         if extra:
@@ -208,7 +250,7 @@ class SplitStem(nn.Module):
         delta = delta.to(dtype).contiguous(memory_format=memory_layout(weight))
         if blocked is not None:  # a stride-1, unpadded convolution of the blocks
             out: Tensor = perturbation_conv(delta, weight, [1, 1], [0, 0], [1, 1], 1)
-            return blocked.output_from_blocks(out)
+            return out if blocks else blocked.output_from_blocks(out)
         padding = conv.padding
         if isinstance(padding, str) or conv.padding_mode != "zeros":
             direct: Tensor = conv._conv_forward(delta, weight, None)
@@ -423,6 +465,19 @@ class _BlockedGeometry:
         x = F.pad(x, (pw, wp - w - pw, ph, hp - h - ph))
         x = x.reshape(b, c, hp // n, n, wp // n, n).permute(0, 1, 3, 5, 2, 4)
         return x.reshape(b, c * n * n, hp // n, wp // n)
+
+    @property
+    def whole_blocks(self) -> bool:
+        """Whether the output is whole t×t blocks (no block reaches past its edge)."""
+        return self.out_hw[0] % self.t == 0 and self.out_hw[1] % self.t == 0
+
+    def output_to_blocks(self, y: Tensor) -> Tensor:
+        """(B, O, Ho, Wo) -> (B, t²·O, Ho/t, Wo/t), the inverse of :meth:`output_from_blocks`
+        (whole blocks only)."""
+        t = self.t
+        b, o, ho, wo = y.shape
+        y = y.reshape(b, o, ho // t, t, wo // t, t).permute(0, 3, 5, 1, 2, 4)
+        return y.reshape(b, t * t * o, ho // t, wo // t)
 
     def output_from_blocks(self, y: Tensor) -> Tensor:
         """(B, t²·O, Hb, Wb) output blocks -> (B, O, Ho, Wo), the strided convolution's output."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itloop.stimulus import (
@@ -351,6 +352,65 @@ def test_stem_output_blocks_widen_the_convolution() -> None:
     assert tuple(SplitStem(conv, output_block=2).weight_padded.shape) == (256, 48, 3, 3)
     with pytest.raises(ValueError, match="output_block must be >= 1, got 0"):
         SplitStem(conv, output_block=0)
+
+
+@pytest.mark.parametrize(("output_block", "hw"), [(2, (64, 64)), (2, (62, 58)), (1, (64, 64))])
+def test_a_split_stem_that_pools_is_the_pool_of_the_stem(
+    output_block: int, hw: tuple[int, int]
+) -> None:
+    """A split stem with ``max_pool`` is the 3×3/2 pool of its output, under autocast (where with
+    2×2 output blocks it pools them as computed, its references kept in blocks) and without."""
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(3, 8, 7, stride=2, padding=3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+    plain = SplitStem(conv, output_block=output_block)
+    pooled = SplitStem(conv, output_block=output_block)
+    pooled.max_pool = True
+    x = on_grid(torch.rand(4, 3, *hw, generator=g))
+    for stem in (plain, pooled):
+        stem.set_reference(x[:2], torch.tensor([0, 0, 1, 1]))
+    ho, wo = (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
+    in_blocks = output_block == 2 and ho % 2 == 0 and wo % 2 == 0
+    want = (2, 8 * 4, ho // 2, wo // 2) if in_blocks else (2, 8, ho, wo)
+    assert tuple(pooled.ref_output[:2].shape) == want
+    z = x[[0, 0, 1, 1]] + 1e-2 * torch.randn(4, 3, *hw, generator=g)
+    upstream = torch.randn(4, 8, (ho - 1) // 2 + 1, (wo - 1) // 2 + 1, generator=g)
+    for autocast in (True, False):
+        za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = pooled(za)
+            ref = F.max_pool2d(plain(zb), 3, 2, 1)
+        assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(out, ref)
+        (out.float() * upstream).sum().backward()
+        (ref.float() * upstream).sum().backward()
+        assert za.grad is not None
+        assert zb.grad is not None
+        assert float((za.grad - zb.grad).abs().max() / zb.grad.abs().max()) < 1e-6
+
+
+def test_the_engine_pools_in_the_split_stem_of_a_resnet() -> None:
+    """fuse_conv_relu hands the ResNet stem's max pool to the split stem, whose only consumer it
+    is (through the ReLU, which moves after the pool, and the Identity folding leaves)."""
+    from itloop.models import ITModel
+    from itloop.stimulus.pooling import MaxPool3x3s2
+
+    model = ITModel.build("resnet18", 3, input_hw=(32, 32), seed=0)
+    x = on_grid(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    fast = AttackEngine(model, AttackConfig(batch_size=2)).prepare(x)
+    stems = [m for m in fast.modules() if isinstance(m, SplitStem)]
+    assert len(stems) == 1
+    assert stems[0].max_pool
+    assert not any(isinstance(m, (MaxPool3x3s2, nn.MaxPool2d)) for m in fast.modules())
+    unfused = AttackEngine(model, AttackConfig(batch_size=2, fuse_conv_relu=False)).prepare(x)
+    assert not next(m for m in unfused.modules() if isinstance(m, SplitStem)).max_pool
+    stem = stems[0]
+    stem.set_reference(x)
+    stem.max_pool = False  # the references were kept for pooling in blocks: they are dropped
+    assert stem.ref_index.numel() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stem(x).dtype == torch.bfloat16  # the plain convolution until set again
 
 
 def test_first_layer_input_stays_fp32_without_the_split() -> None:

@@ -14,12 +14,11 @@ from itloop.stimulus.folding import fold_batchnorm
 from itloop.stimulus.fusion import (
     Conv1x1Matmul,
     FusedConvReLU,
-    MaxPool3x3s2,
     conv_bias_relu,
     count_fused,
     fuse_conv_relu,
-    max_pool_3x3_s2,
 )
+from itloop.stimulus.pooling import MaxPool3x3s2, max_pool_3x3_s2, max_pool_3x3_s2_blocks
 
 from .toys import TinyConvNet, on_grid
 
@@ -236,6 +235,32 @@ def test_max_pool_matches_pytorch_in_value_and_gradient(
     assert a.grad is not None
     assert b.grad is not None
     assert torch.equal(a.grad, b.grad)  # ties go to the same (first) input as in PyTorch
+
+
+@pytest.mark.parametrize(("hb", "wb"), [(56, 56), (5, 3), (1, 2)])
+def test_max_pool_of_2x2_blocks_is_the_pool_of_the_map(hb: int, wb: int) -> None:
+    """The pool of a map handed over in 2×2 blocks (channel (u·2 + v)·C + c) is PyTorch's pool of
+    the map, ties included, and its gradient is the map's gradient in the same blocks."""
+    g = torch.Generator().manual_seed(hb * 100 + wb)
+    m = torch.randn(2, 5, 2 * hb, 2 * wb, generator=g, dtype=torch.float64)
+    m = torch.where(torch.rand(m.shape, generator=g) < 0.3, 0.0, m)  # ties, as after a ReLU
+    blocks = m.reshape(2, 5, hb, 2, wb, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 20, hb, wb)
+    blocks = blocks.contiguous(memory_format=torch.channels_last)
+    a = blocks.clone().requires_grad_(True)
+    b = m.clone().requires_grad_(True)
+    out = max_pool_3x3_s2_blocks(a)
+    ref = F.max_pool2d(b, 3, 2, 1)
+    assert out.shape == ref.shape
+    assert torch.equal(out.detach(), ref.detach())
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(go)
+    ref.backward(go)
+    assert a.grad is not None
+    assert b.grad is not None
+    want = b.grad.reshape(2, 5, hb, 2, wb, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 20, hb, wb)
+    assert torch.equal(a.grad, want)
+    with pytest.raises(ValueError, match=r"\(B, 4·C, Hb, Wb\), got \(2, 6, 3, 3\)"):
+        max_pool_3x3_s2_blocks(torch.zeros(2, 6, 3, 3))
 
 
 def test_relu_before_the_pool_moves_after_it_with_the_same_values_and_gradient() -> None:

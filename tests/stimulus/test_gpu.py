@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from itloop.stimulus import (
     AttackConfig,
@@ -78,9 +79,9 @@ def test_cuda_split_stem_keeps_the_perturbation() -> None:
     assert float((whole - exact).norm() / exact.norm()) > 0.05
 
 
-@pytest.mark.parametrize("output_block", [1, 2])
+@pytest.mark.parametrize(("output_block", "max_pool"), [(1, False), (2, False), (2, True)])
 def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution(
-    output_block: int,
+    output_block: int, max_pool: bool
 ) -> None:
     """The stem's data-gradient convolution gets its gradient in its dtype and layout from the
     compiled graph: cuDNN's entry point then copies nothing (an fp32 NCHW gradient cost two extra
@@ -90,9 +91,11 @@ def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution
     cl = torch.channels_last
     conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=True).cuda().requires_grad_(False)
     stem = SplitStem(conv, output_block=output_block).to(memory_format=cl)
+    stem.max_pool = max_pool
     x = on_grid(torch.rand(16, 3, 96, 96, device="cuda")).contiguous(memory_format=cl)
     stem.set_reference(x)
-    w = torch.randn(16, 64, 48, 48, device="cuda")  # an fp32 NCHW upstream gradient
+    out_hw = 24 if max_pool else 48
+    w = torch.randn(16, 64, out_hw, out_hw, device="cuda")  # an fp32 NCHW upstream gradient
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -123,8 +126,15 @@ def test_cuda_compiled_stem_backward_converts_no_gradient_inside_the_convolution
     full_size = [c for c in found if blocks in list(c[1])]
     assert full_size == [], found
     zf = z.detach().clone().requires_grad_(True)
-    with exact_fp32():
-        (want,) = torch.autograd.grad((conv(zf) * w).sum(), zf)
+    if max_pool:  # the eager pool of the same bf16 map (fp32's could pick other winners)
+        plain = SplitStem(conv, output_block=output_block).to(memory_format=cl)
+        plain.set_reference(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = F.max_pool2d(plain(zf), 3, 2, 1)
+        (want,) = torch.autograd.grad((y.float() * w).sum(), zf)
+    else:
+        with exact_fp32():
+            (want,) = torch.autograd.grad((conv(zf) * w).sum(), zf)
     assert float((grad - want).norm() / want.norm()) < 1e-2
 
 
