@@ -169,10 +169,9 @@ class SplitStem(nn.Module):
         with exact_fp32():
             y = self.conv(x)
         blocked = self._pooled_blocks(x)
-        if blocked is not None:
-            y = blocked.output_to_blocks(y).contiguous(
-                memory_format=memory_layout(self.weight_padded)
-            )
+        layout = memory_layout(y)
+        if blocked is not None:  # a view; the copy into the buffer below lays it out
+            y, layout = blocked.output_to_blocks(y), memory_layout(self.weight_padded)
         # capacity for the batch (every row its own image at most): same buffers batch after batch
         capacity = max(n, index.numel())
         same = (
@@ -188,7 +187,7 @@ class SplitStem(nn.Module):
             ).contiguous(memory_format=memory_layout(x))
             self.ref_output = torch.empty(
                 (capacity, *y.shape[1:]), dtype=y.dtype, device=y.device
-            ).contiguous(memory_format=memory_layout(y))
+            ).contiguous(memory_format=layout)
             self.ref_index = torch.empty_like(index)
         self.ref_input[:n].copy_(x)
         self.ref_output[:n].copy_(y)
