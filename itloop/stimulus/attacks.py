@@ -275,9 +275,6 @@ class AttackConfig:
     takes minutes.
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
-    images_as_levels: the step reads a batch of clean images on the 8-bit grid as its levels (one
-    byte a pixel, looked up in a table of the 256 fp32 values, so x is bit for bit the same) rather
-    than as fp32; the step reads x in three of its passes.
     """
 
     steps: int = 100
@@ -286,7 +283,6 @@ class AttackConfig:
     autocast_dtype: torch.dtype | None = torch.bfloat16
     keep_best: bool = True
     projection_iterations: int = 2
-    images_as_levels: bool = True
     fold_batchnorm: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -649,12 +645,10 @@ class AttackEngine:
         best_delta = delta
         best_val = torch.zeros_like(eps)
         z = x + delta
-        x_step, table = _levels_of(x) if cfg.images_as_levels else (x, None)
         for _ in range(n_steps):
             grad, val = self._grad(z, site, sign)
             delta, z, best_obj, best_val, best_delta = self._step(
-                x_step,
-                table,
+                x,
                 delta,
                 grad,
                 val,
@@ -708,20 +702,8 @@ def _to_host(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _levels_of(x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(levels, table) with ``table[levels] == x`` bit for bit when fp32 ``x`` is on the 8-bit
-    grid (values k / 255), else (x, None). levels: uint8 like x; table: (256,) fp32."""
-    if x.dtype != torch.float32 or x.numel() == 0:
-        return x, None
-    levels = torch.round(x * 255).clamp(0, 255).to(torch.uint8)
-    if not torch.equal(levels.float() / 255, x):
-        return x, None
-    return levels, torch.arange(256, dtype=torch.float32, device=x.device) / 255
-
-
 def _pgd_step(
     x: Tensor,
-    table: Tensor | None,
     delta: Tensor,
     grad: Tensor,
     val: Tensor,
@@ -737,13 +719,9 @@ def _pgd_step(
     """Record the iterate δ (scored ``val`` with gradient ``grad``) if it is the best so far, then
     take one projected step; one fused pass when compiled.
 
-    x: (B, C, H, W) fp32 images, or their uint8 levels with ``table`` the level's fp32 value
-    (:func:`_levels_of`): a quarter of the bytes in each pass that reads x. Returns (new δ,
-    x + new δ, best objective, best f, best δ). Without keep_best nothing is recorded here (only
-    the last iterate is kept, by the caller).
+    Returns (new δ, x + new δ, best objective, best f, best δ). Without keep_best nothing is
+    recorded here (only the last iterate is kept, by the caller).
     """
-    if table is not None:
-        x = table[x.long()]
     if keep_best:
         best_obj, best_val, best_delta = _keep_better(
             delta, val, sign, best_obj, best_val, best_delta

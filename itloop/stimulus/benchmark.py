@@ -136,12 +136,6 @@ def _parser() -> argparse.ArgumentParser:
         help="active-set updates of the ball∩box projection per step (default %(default)s)",
     )
     p.add_argument(
-        "--images-as-levels",
-        action=argparse.BooleanOptionalAction,
-        default=AttackConfig.images_as_levels,
-        help="the step reads clean images on the 8-bit grid as uint8 levels (default) or fp32",
-    )
-    p.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -564,7 +558,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         matmul_1x1=args.matmul_1x1,
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
-        images_as_levels=args.images_as_levels,
     )
     engine = AttackEngine(model, config)
     x = images[rows.image_index.to(device)].contiguous()
@@ -629,7 +622,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compile_error": compile_error,
         "projection": f"exact ball∩box, {config.projection_iterations} active-set updates/step",
         "keep_best": config.keep_best,
-        "images_as_levels": config.images_as_levels,
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }
