@@ -632,3 +632,39 @@ def test_the_loop_keeps_images_perturbation_and_gradient_in_one_layout() -> None
     )
     assert seen == [(True, True)] * 2
     assert delta.is_contiguous()
+
+
+def test_the_compiled_stem_that_pools_in_blocks_is_the_compiled_stem_and_pool() -> None:
+    """Compiled, the split stem that pools its 2×2 output blocks (its data gradient an op of its
+    own) has the gradient of the stem followed by the pool, bit for bit; both pool the fp32 sum
+    of the clean and perturbation terms, which the compiler does not round to bf16 in between."""
+    from itloop.stimulus.pooling import max_pool_3x3_s2
+
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(13)
+    conv = torch.nn.Conv2d(3, 16, 7, stride=2, padding=3).requires_grad_(False)
+    pooled = SplitStem(conv).to(memory_format=cl)
+    pooled.max_pool = True
+    plain = SplitStem(conv).to(memory_format=cl)
+    x = on_grid(torch.rand(4, 3, 32, 32, generator=g)).contiguous(memory_format=cl)
+    for stem in (pooled, plain):
+        stem.set_reference(x)
+    w = torch.randn(4, 16, 8, 8, generator=g)
+    z = (x + 1e-2 * torch.randn(x.shape, generator=g)).requires_grad_(True)
+
+    def in_blocks(z: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (pooled(z).float() * w).sum()
+
+    def stem_then_pool(z: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (max_pool_3x3_s2(plain(z)).float() * w).sum()
+
+    (got,) = torch.autograd.grad(torch.compile(in_blocks, dynamic=False)(z), z)
+    (want,) = torch.autograd.grad(torch.compile(stem_then_pool, dynamic=False)(z), z)
+    assert torch.equal(got, want)
+    zf = z.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = plain.ref_output[plain.ref_index] + plain.perturbation_term(zf).float()
+    (fp32_sum,) = torch.autograd.grad((F.max_pool2d(y, 3, 2, 1) * w).sum(), zf)
+    assert float((got - fp32_sum).norm() / fp32_sum.norm()) < 1e-5
