@@ -470,9 +470,11 @@ def fuse_conv_relu(
     1×1 stride-1 convolutions keep cuDNN's forward but take their input gradient as a matmul
     (:func:`conv_bias_relu`), so the compiler can fuse the backward's ReLU masks and residual
     sums into that GEMM. max_pool: 3×3/2 max pools (the ResNet stem's) become
-    :class:`MaxPool3x3s2`. blocks: BatchNorm-folded ResNet bottlenecks become
-    :class:`~itloop.stimulus.blocks.FusedBottleneck` (one op each, whose backward fuses ReLU masks
-    and residual sums into cuDNN data-gradient convolutions). example: (B, C, H, W) input on the
+    :class:`~itloop.stimulus.pooling.MaxPool3x3s2`, or, where a split stem's output has no other
+    consumer, part of the stem (``SplitStem.max_pool``), which pools its output blocks. blocks:
+    BatchNorm-folded ResNet bottlenecks become :class:`~itloop.stimulus.blocks.FusedBottleneck`
+    (one op each, whose backward fuses ReLU masks and residual sums into cuDNN data-gradient
+    convolutions). example: (B, C, H, W) input on the
     model's device; the copy must compute the same function on it in fp32 (relative error ≤ rtol,
     else ValueError). Returns the copy even when nothing was replaced.
     """

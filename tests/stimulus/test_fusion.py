@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from itloop.models import ITModel
@@ -214,6 +216,29 @@ def test_fused_module_casts_to_the_autocast_dtype() -> None:
         FusedConvReLU(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
 
 
+def _with_ties(shape: tuple[int, ...], g: torch.Generator) -> Tensor:
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.where(torch.rand(shape, generator=g) < 0.3, 0.0, y)  # ties, as after a ReLU
+
+
+def _pool_gradients(
+    pool: Callable[[Tensor], Tensor], given: Tensor, m: Tensor, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``pool(given)`` and of PyTorch's 3×3/2 pool of the map ``m`` (which
+    ``given`` holds, in its own layout) for one output gradient; the pools' values must agree."""
+    a = given.clone().requires_grad_(True)
+    b = m.clone().requires_grad_(True)
+    out, ref = pool(a), F.max_pool2d(b, 3, 2, 1)
+    assert out.shape == ref.shape
+    assert torch.equal(out.detach(), ref.detach())
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(go)
+    ref.backward(go)
+    assert a.grad is not None
+    assert b.grad is not None
+    return a.grad, b.grad
+
+
 @pytest.mark.parametrize(("h", "w"), [(112, 112), (113, 110), (7, 9), (2, 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool_matches_pytorch_in_value_and_gradient(
@@ -221,20 +246,9 @@ def test_max_pool_matches_pytorch_in_value_and_gradient(
 ) -> None:
     g = torch.Generator().manual_seed(h * 1000 + w)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.randn(2, 5, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
-    y = torch.where(torch.rand(y.shape, generator=g) < 0.3, 0.0, y)  # ties, as after a ReLU
-    a = y.clone().requires_grad_(True)
-    b = y.clone().requires_grad_(True)
-    out = max_pool_3x3_s2(a)
-    ref = F.max_pool2d(b, 3, 2, 1)
-    assert out.shape == ref.shape
-    assert torch.equal(out.detach(), ref.detach())
-    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    out.backward(go)
-    ref.backward(go)
-    assert a.grad is not None
-    assert b.grad is not None
-    assert torch.equal(a.grad, b.grad)  # ties go to the same (first) input as in PyTorch
+    y = _with_ties((2, 5, h, w), g).contiguous(memory_format=fmt)
+    got, want = _pool_gradients(max_pool_3x3_s2, y, y, g)
+    assert torch.equal(got, want)  # ties go to the same (first) input as in PyTorch
 
 
 @pytest.mark.parametrize(("hb", "wb"), [(56, 56), (5, 3), (1, 2)])
@@ -242,23 +256,14 @@ def test_max_pool_of_2x2_blocks_is_the_pool_of_the_map(hb: int, wb: int) -> None
     """The pool of a map handed over in 2×2 blocks (channel (u·2 + v)·C + c) is PyTorch's pool of
     the map, ties included, and its gradient is the map's gradient in the same blocks."""
     g = torch.Generator().manual_seed(hb * 100 + wb)
-    m = torch.randn(2, 5, 2 * hb, 2 * wb, generator=g, dtype=torch.float64)
-    m = torch.where(torch.rand(m.shape, generator=g) < 0.3, 0.0, m)  # ties, as after a ReLU
-    blocks = m.reshape(2, 5, hb, 2, wb, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 20, hb, wb)
-    blocks = blocks.contiguous(memory_format=torch.channels_last)
-    a = blocks.clone().requires_grad_(True)
-    b = m.clone().requires_grad_(True)
-    out = max_pool_3x3_s2_blocks(a)
-    ref = F.max_pool2d(b, 3, 2, 1)
-    assert out.shape == ref.shape
-    assert torch.equal(out.detach(), ref.detach())
-    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    out.backward(go)
-    ref.backward(go)
-    assert a.grad is not None
-    assert b.grad is not None
-    want = b.grad.reshape(2, 5, hb, 2, wb, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 20, hb, wb)
-    assert torch.equal(a.grad, want)
+
+    def blocks(m: Tensor) -> Tensor:
+        return m.reshape(2, 5, hb, 2, wb, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 20, hb, wb)
+
+    m = _with_ties((2, 5, 2 * hb, 2 * wb), g)
+    given = blocks(m).contiguous(memory_format=torch.channels_last)
+    got, want = _pool_gradients(max_pool_3x3_s2_blocks, given, m, g)
+    assert torch.equal(got, blocks(want))
     with pytest.raises(ValueError, match=r"\(B, 4·C, Hb, Wb\), got \(2, 6, 3, 3\)"):
         max_pool_3x3_s2_blocks(torch.zeros(2, 6, 3, 3))
 
