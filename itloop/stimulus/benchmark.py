@@ -65,6 +65,7 @@ ESTIMATE_FLOP_PER_IMAGE_STEP = 14.6e9
 LAB_DAY = {"sites": 200, "images_per_site": 42, "eps": 6, "signs": 2, "steps": 100}
 LAB_DAY_EPS = (0.5, 1.0, 2.0, 4.0, 7.0, 10.0)
 """A day's ε list across the paper's range (0.5 … 10)."""
+_LAB_DAY_SITE_ROWS = LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -395,10 +396,9 @@ def _extrapolate_day(
         int(long["batches"]) - int(short["batches"]), 1
     )
     once_s = float(short["wall_s"]) - int(short["batches"]) * per_batch_s
-    site_rows = LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
 
     def run_s(sites: int) -> float:
-        batches = math.ceil(sites * site_rows / batch)
+        batches = math.ceil(sites * _LAB_DAY_SITE_ROWS / batch)
         return once_s + batches * (per_batch_s + extra_per_batch_s)
 
     n_sites = LAB_DAY["sites"]
@@ -435,7 +435,7 @@ def _lab_day(
     long = _lab_day_slice(engine, args, hw, device, gen, 2 + max(1, args.lab_day_batches))
     extra_per_batch_s = pgd_batch_s * (LAB_DAY["steps"] - steps) / max(steps, 1)
     chunk_sites = max(1, args.lab_day_chunk_sites)
-    day_rows = LAB_DAY["sites"] * LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
+    day_rows = LAB_DAY["sites"] * _LAB_DAY_SITE_ROWS
     day = _extrapolate_day(short, long, b, extra_per_batch_s, chunk_sites)
     in_rows = (long["wall_s"] + long["batches"] * extra_per_batch_s) * day_rows / long["rows"]
     return {

@@ -416,9 +416,8 @@ def _perturbation_conv_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, 
         raise RuntimeError("perturbation_conv computes the input gradient only")
     stride, padding, dilation, groups = ctx.conv
     g = grad.to(delta.dtype).contiguous(memory_format=memory_layout(delta))
-    return perturbation_conv_data_grad(g, delta, weight, stride, padding, dilation, groups), *(
-        (None,) * 5
-    )
+    gx = perturbation_conv_data_grad(g, delta, weight, stride, padding, dilation, groups)
+    return gx, *(None,) * 5
 
 
 @torch.library.custom_op("itloop::perturbation_conv_data_grad", mutates_args=())
