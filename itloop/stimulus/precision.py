@@ -416,44 +416,8 @@ def _perturbation_conv_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, 
         raise RuntimeError("perturbation_conv computes the input gradient only")
     stride, padding, dilation, groups = ctx.conv
     g = grad.to(delta.dtype).contiguous(memory_format=memory_layout(delta))
-    gx = perturbation_conv_data_grad(g, delta, weight, stride, padding, dilation, groups)
+    gx = conv_data_grad(g, delta, weight, stride, padding, dilation, groups)
     return gx, *(None,) * 5
-
-
-@torch.library.custom_op("itloop::perturbation_conv_data_grad", mutates_args=())
-def perturbation_conv_data_grad(
-    grad: Tensor,
-    delta: Tensor,
-    weight: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> Tensor:
-    """:func:`perturbation_conv`'s data gradient, an op of its own so that the compiler hands it
-    ``grad`` in the layout the graph traced (a custom op's inputs keep their traced strides).
-
-    Called as an ATen convolution backward inside the compiled graph, its input's layout was the
-    compiler's choice. Where the gradient was already channels_last in the trace (the stem's max
-    pool written in 2×2 blocks), nothing asked for that layout: the profile of three steps on an
-    H100 (batch 512) then showed three strided copies inside the convolution's entry point,
-    1.15 ms each, the size of the stem's gradient.
-    """
-    out = conv_data_grad(grad, delta, weight, stride, padding, dilation, groups)
-    return out.contiguous(memory_format=memory_layout(delta))
-
-
-@perturbation_conv_data_grad.register_fake
-def _perturbation_conv_data_grad_fake(
-    grad: Tensor,
-    delta: Tensor,
-    weight: Tensor,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> Tensor:
-    return torch.empty_like(delta, memory_format=memory_layout(delta))
 
 
 perturbation_conv.register_autograd(
