@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="also print the N most expensive device kernels of 3 profiled steps",
+        help="also print the N most expensive device kernels of 3 profiled steps, each with the op "
+        "that launched it",
     )
     p.add_argument(
         "--profile-run",
@@ -313,23 +314,61 @@ def _best_sign_mean(change: Tensor) -> float:
     return float(change.abs().view(-1, 2).max(dim=1).values.mean())
 
 
+def _launch_site(ev: Any) -> str:
+    """The op that launched a kernel: its name and first input's shape, then the ops around it,
+    innermost first (a compiled graph's own ops sit under its region, not under a Python frame)."""
+    shapes = [list(s) for s in (ev.input_shapes or []) if s]
+    where = [f"{ev.name} {shapes[0]}" if shapes else ev.name]
+    parent = ev.cpu_parent
+    while parent is not None and len(where) < 4:
+        if parent.name != where[-1].split(" ")[0]:
+            where.append(parent.name)
+        parent = parent.cpu_parent
+    return " < ".join(where)
+
+
+def kernel_launchers(events: Iterable[Any]) -> dict[str, str]:
+    """Each device kernel's launch site (:func:`_launch_site`) that took most of its time, from a
+    profiler's events: tells an ATen op's hidden copy or cast from the work it was called for."""
+    time: dict[str, dict[str, float]] = {}
+    for ev in events:
+        for k in getattr(ev, "kernels", None) or []:
+            site = time.setdefault(k.name[:140], {})
+            key = _launch_site(ev)
+            site[key] = site.get(key, 0.0) + float(k.duration)
+    return {name: max(sites, key=lambda s: sites[s]) for name, sites in time.items()}
+
+
 def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The ``args.profile`` device kernels with the most total time over one call of ``fn``."""
+    """The ``args.profile`` device kernels with the most total time over one call of ``fn``, each
+    with the op that launched it."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+    ) as prof:
         fn()
         torch.cuda.synchronize()
+    launchers = kernel_launchers(prof.events())
     rows = []
     for ev in prof.key_averages():
         dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
         if dev_us > 0 and ev.device_type.name == "CUDA":
-            rows.append({"kernel": ev.key[:140], "calls": ev.count, "ms": round(dev_us / 1e3, 3)})
+            key = ev.key[:140]
+            rows.append(
+                {
+                    "kernel": key,
+                    "calls": ev.count,
+                    "ms": round(dev_us / 1e3, 3),
+                    "launched_by": launchers.get(key),
+                }
+            )
     rows.sort(key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
     for r in rows[: args.profile]:
         print(
-            f"{r['ms']:9.2f} ms {100 * r['ms'] / total:5.1f}% {r['calls']:5d}x  {r['kernel']}",
+            f"{r['ms']:9.2f} ms {100 * r['ms'] / total:5.1f}% {r['calls']:5d}x  {r['kernel']}\n"
+            f"{'':27}from {r['launched_by']}",
             file=sys.stderr,
         )
     print(f"{total:9.2f} ms total device time over the profiled call", file=sys.stderr)

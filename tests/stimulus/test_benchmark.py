@@ -72,3 +72,40 @@ def test_peak_table_matches_device_names() -> None:
 def test_bad_batch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert benchmark.main(["--quick", "--batch", "7"]) == 2
     assert "--batch" in capsys.readouterr().out
+
+
+def test_each_profiled_kernel_names_the_op_that_launched_most_of_its_time() -> None:
+    """Profiler events of a convolution's backward that copies its gradient before the data-gradient
+    kernel, and a copy of another size elsewhere: each kernel is attributed to the launch site
+    (op, first input's shape, enclosing ops) that took most of its device time."""
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def op(i: int, name: str, parent: FunctionEvent | None, shape: list[int] | None = None):
+        ev = FunctionEvent(i, name, 0, 10 * i, 10 * i + 5, input_shapes=[shape] if shape else [])
+        if parent is not None:
+            ev.set_cpu_parent(parent)
+        return ev
+
+    region = op(1, "itloop.run.pgd", None)
+    backward = op(2, "aten::convolution_backward", region, [512, 256, 56, 56])
+    contiguous = op(3, "aten::contiguous", backward, [512, 256, 56, 56])
+    copy = op(4, "aten::copy_", contiguous, [512, 256, 56, 56])
+    copy.append_kernel("direct_copy_kernel_cuda", 0, 1150.0)
+    backward.append_kernel("sm90_xmma_dgrad", 0, 1170.0)
+    small = op(5, "aten::copy_", region, [512, 3, 224, 224])
+    small.append_kernel("direct_copy_kernel_cuda", 0, 200.0)
+    small.append_kernel("direct_copy_kernel_cuda", 0, 200.0)
+
+    got = benchmark.kernel_launchers([region, backward, contiguous, copy, small])
+    assert got["direct_copy_kernel_cuda"] == (
+        "aten::copy_ [512, 256, 56, 56] < aten::contiguous < aten::convolution_backward"
+        " < itloop.run.pgd"
+    )
+    assert (
+        got["sm90_xmma_dgrad"] == "aten::convolution_backward [512, 256, 56, 56] < itloop.run.pgd"
+    )
+    # three small copies outweigh the one large copy: the launch site with most time wins
+    small.append_kernel("direct_copy_kernel_cuda", 0, 800.0)
+    assert benchmark.kernel_launchers([copy, small])["direct_copy_kernel_cuda"] == (
+        "aten::copy_ [512, 3, 224, 224] < itloop.run.pgd"
+    )
