@@ -315,28 +315,31 @@ def _best_sign_mean(change: Tensor) -> float:
 
 
 def _launch_site(ev: Any) -> str:
-    """The op that launched a kernel: its name and first input's shape, then the ops around it,
-    innermost first (a compiled graph's own ops sit under its region, not under a Python frame)."""
+    """Where a profiler event launched its kernels: the op's name and first input's shape, then up
+    to three enclosing ops or regions, innermost first (a name its parent repeats is given once)."""
     shapes = [list(s) for s in (ev.input_shapes or []) if s]
-    where = [f"{ev.name} {shapes[0]}" if shapes else ev.name]
+    names = [ev.name]
     parent = ev.cpu_parent
-    while parent is not None and len(where) < 4:
-        if parent.name != where[-1].split(" ")[0]:
-            where.append(parent.name)
+    while parent is not None and len(names) < 4:
+        if parent.name != names[-1]:
+            names.append(parent.name)
         parent = parent.cpu_parent
-    return " < ".join(where)
+    if shapes:
+        names[0] = f"{ev.name} {shapes[0]}"
+    return " < ".join(names)
 
 
 def kernel_launchers(events: Iterable[Any]) -> dict[str, str]:
     """Each device kernel's launch site (:func:`_launch_site`) that took most of its time, from a
     profiler's events: tells an ATen op's hidden copy or cast from the work it was called for."""
-    time: dict[str, dict[str, float]] = {}
+    by_kernel: dict[str, dict[str, float]] = {}
     for ev in events:
-        for k in getattr(ev, "kernels", None) or []:
-            site = time.setdefault(k.name[:140], {})
-            key = _launch_site(ev)
-            site[key] = site.get(key, 0.0) + float(k.duration)
-    return {name: max(sites, key=lambda s: sites[s]) for name, sites in time.items()}
+        kernels = getattr(ev, "kernels", None) or []
+        site = _launch_site(ev) if kernels else ""
+        for k in kernels:
+            sites = by_kernel.setdefault(k.name[:140], {})
+            sites[site] = sites.get(site, 0.0) + float(k.duration)
+    return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_kernel.items()}
 
 
 def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, Any]]:
