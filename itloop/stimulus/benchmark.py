@@ -314,18 +314,22 @@ def _best_sign_mean(change: Tensor) -> float:
     return float(change.abs().view(-1, 2).max(dim=1).values.mean())
 
 
+_KERNEL_NAME_CHARS = 140
+"""Kernel names are cut to this length in the profile (templated names run to hundreds of characters)."""
+
+
 def _launch_site(ev: Any) -> str:
     """Where a profiler event launched its kernels: the op's name and first input's shape, then up
     to three enclosing ops or regions, innermost first (a name its parent repeats is given once)."""
-    shapes = [list(s) for s in (ev.input_shapes or []) if s]
+    shape = next((list(s) for s in ev.input_shapes or [] if s), None)
     names = [ev.name]
     parent = ev.cpu_parent
     while parent is not None and len(names) < 4:
         if parent.name != names[-1]:
             names.append(parent.name)
         parent = parent.cpu_parent
-    if shapes:
-        names[0] = f"{ev.name} {shapes[0]}"
+    if shape is not None:
+        names[0] = f"{ev.name} {shape}"
     return " < ".join(names)
 
 
@@ -337,7 +341,7 @@ def kernel_launchers(events: Iterable[Any]) -> dict[str, str]:
         kernels = getattr(ev, "kernels", None) or []
         site = _launch_site(ev) if kernels else ""
         for k in kernels:
-            sites = by_kernel.setdefault(k.name[:140], {})
+            sites = by_kernel.setdefault(k.name[:_KERNEL_NAME_CHARS], {})
             sites[site] = sites.get(site, 0.0) + float(k.duration)
     return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_kernel.items()}
 
@@ -357,7 +361,7 @@ def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, 
     for ev in prof.key_averages():
         dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
         if dev_us > 0 and ev.device_type.name == "CUDA":
-            key = ev.key[:140]
+            key = ev.key[:_KERNEL_NAME_CHARS]
             rows.append(
                 {
                     "kernel": key,

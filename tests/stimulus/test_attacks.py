@@ -632,9 +632,9 @@ def test_the_loop_keeps_images_perturbation_and_gradient_in_one_layout() -> None
 
 
 def test_the_compiled_stem_that_pools_in_blocks_is_the_compiled_stem_and_pool() -> None:
-    """Compiled, the split stem that pools its 2×2 output blocks (its data gradient an op of its
-    own) has the gradient of the stem followed by the pool, bit for bit; both pool the fp32 sum
-    of the clean and perturbation terms, which the compiler does not round to bf16 in between."""
+    """Compiled, the split stem that pools its 2×2 output blocks has the gradient of the stem
+    followed by the pool, bit for bit; both pool the fp32 sum of the clean and perturbation terms,
+    which the compiler does not round to bf16 in between."""
     from itloop.stimulus.pooling import max_pool_3x3_s2
 
     cl = torch.channels_last
