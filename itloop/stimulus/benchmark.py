@@ -315,7 +315,7 @@ def _best_sign_mean(change: Tensor) -> float:
 
 
 _KERNEL_NAME_CHARS = 140
-"""Kernel names are cut to this length in the profile (templated names run to hundreds of characters)."""
+"""Kernel names are cut to this length in the profile (templated ones run to hundreds of chars)."""
 
 
 def _launch_site(ev: Any) -> str:
