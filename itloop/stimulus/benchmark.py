@@ -141,8 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="also print the N most expensive device kernels of 3 profiled steps, each with the op "
-        "that launched it",
+        help="also print the N most expensive kernels of 3 profiled steps (device kernels on a "
+        "GPU, ATen ops on a CPU), each with the op that launched it",
     )
     p.add_argument(
         "--profile-run",
@@ -346,27 +346,48 @@ def kernel_launchers(events: Iterable[Any]) -> dict[str, str]:
     return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_kernel.items()}
 
 
-def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The ``args.profile`` device kernels with the most total time over one call of ``fn``, each
-    with the op that launched it."""
+def op_callers(events: Iterable[Any]) -> dict[str, str]:
+    """Each CPU op's caller (:func:`_launch_site` of the op around it) that took most of its own
+    time, from a profiler's events: the CPU's counterpart of :func:`kernel_launchers`."""
+    by_op: dict[str, dict[str, float]] = {}
+    for ev in events:
+        own = float(getattr(ev, "self_cpu_time_total", 0.0) or 0.0)
+        if own <= 0 or ev.cpu_parent is None:
+            continue
+        sites = by_op.setdefault(ev.name[:_KERNEL_NAME_CHARS], {})
+        site = _launch_site(ev.cpu_parent)
+        sites[site] = sites.get(site, 0.0) + own
+    return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_op.items()}
+
+
+def _profile(
+    fn: Callable[[], Any], args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    """The ``args.profile`` kernels with the most total time over one call of ``fn``, each with
+    the op that launched it: device kernels on a GPU, ATen ops (by their own time) on a CPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(
-        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
-    ) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
-        torch.cuda.synchronize()
-    launchers = kernel_launchers(prof.events())
+        _sync(device)
+    events = prof.events()
+    launchers = kernel_launchers(events) if cuda else op_callers(events)
     rows = []
     for ev in prof.key_averages():
-        dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
-        if dev_us > 0 and ev.device_type.name == "CUDA":
+        if cuda:
+            own_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
+            own_us *= ev.device_type.name == "CUDA"
+        else:
+            own_us = float(ev.self_cpu_time_total or 0.0)
+        if own_us > 0:
             key = ev.key[:_KERNEL_NAME_CHARS]
             rows.append(
                 {
                     "kernel": key,
                     "calls": ev.count,
-                    "ms": round(dev_us / 1e3, 3),
+                    "ms": round(own_us / 1e3, 3),
                     "launched_by": launchers.get(key),
                 }
             )
@@ -378,7 +399,8 @@ def _profile(fn: Callable[[], Any], args: argparse.Namespace) -> list[dict[str, 
             f"{'':27}from {r['launched_by']}",
             file=sys.stderr,
         )
-    print(f"{total:9.2f} ms total device time over the profiled call", file=sys.stderr)
+    where = "device" if cuda else "CPU (ops' own)"
+    print(f"{total:9.2f} ms total {where} time over the profiled call", file=sys.stderr)
     return rows[: args.profile]
 
 
@@ -675,7 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours["config"]["dgrad_plans"] = cudnn_graphs.plans()
     if args.profile > 0:
         out_profile = _profile(
-            lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, steps=3, clean=clean), args
+            lambda: engine.pgd(x, site, sign, eps_rows, ids, 7, steps=3, clean=clean),
+            args,
+            device,
         )
         ours["profile_top_kernels"] = out_profile
     f_clean = engine.predict(x, site)

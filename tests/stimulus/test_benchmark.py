@@ -41,6 +41,24 @@ def test_quick_benchmark_prints_valid_json_with_both_attacks(
     assert printed["flop_per_image_step"]["counted"] > 0
 
 
+def test_profile_on_a_cpu_ranks_the_ops_and_names_their_callers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--profile`` on a CPU device ranks the ATen ops (and the regions around them) by their
+    own time over 3 steps, each with the op or region that called it, instead of asking for
+    CUDA."""
+    argv = ["--quick", "--device", "cpu", "--profile", "6", "--no-torchattacks", "--no-lab-day"]
+    assert benchmark.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["ours"]["profile_top_kernels"]
+    assert len(rows) == 6
+    assert any(r["kernel"].startswith("aten::") for r in rows)
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+    assert rows[-1]["ms"] > 0
+    assert all(r["calls"] >= 1 for r in rows)
+    # every step's work runs inside the engine's named regions, so some caller names one
+    assert any("itloop.run." in (r["launched_by"] or "") for r in rows)
+
+
 def test_lab_day_extrapolation_separates_the_once_only_time() -> None:
     """Slices of 2 and 5 batches taking 11 and 26 s: 5 s a batch, 1 s once per run. The day has
     100,800 rows, 197 batches of 512 as one run; in chunks of 8 sites (4,032 rows, 8 batches) the
