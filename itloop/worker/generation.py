@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from itloop.server.sessions import transition
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows
 from itloop.stimulus.controls import gaussian_noise_control, interpolation_control
 from itloop.stimulus.images import load_image
-from itloop.stimulus.pipeline import PngWriter, attack_and_store
+from itloop.stimulus.pipeline import PngWriter, attack_and_store, even_batch
 from itloop.stimulus.quantisation import from_levels, to_levels
 from itloop.stimulus.rsvp import StimulusSlot, gap_in_presentations, plan_rsvp
 from itloop.stimulus.sources import ImageFolderSource
@@ -168,20 +169,42 @@ def _source_name(image_source: str) -> str:
 _ENGINE: list[AttackEngine] = []  # the last engine built in this process
 
 
-def attack_config(steps: int, device: torch.device) -> AttackConfig:
+CUDA_BATCH = 512
+"""The most rows a batch of the compiled attack loop holds on CUDA (the measured fast size)."""
+
+
+def attack_config(steps: int, device: torch.device, chunk_rows: int = CUDA_BATCH) -> AttackConfig:
     """The attack loop's settings on ``device``: on CUDA the measured fast path (bf16 body with the
-    split first layer, channels_last, fused convolutions, compiled, batch 512)."""
+    split first layer, channels_last, fused convolutions, compiled), its batch the even split of a
+    chunk's ``chunk_rows`` into batches of at most 512 (the compiled loop pads every batch to its
+    size: 8 sites of 504 rows run as 8 batches of 504, not 8 of 512 with the last padded)."""
     cuda = device.type == "cuda"
     return AttackConfig(
         steps=steps,
-        batch_size=512 if cuda else 32,
+        batch_size=even_batch(chunk_rows, CUDA_BATCH) if cuda else 32,
         autocast_dtype=torch.bfloat16 if cuda else None,
         channels_last=cuda,
         compile=cuda,
     )
 
 
-def _engine(version_id: int, steps: int, device: torch.device, store: ContentStore) -> AttackEngine:
+def chunk_sites(plan: dict[str, Any], chunk: int) -> list[int]:
+    """The site ids of a plan's chunk ``chunk`` (SITES_PER_CHUNK sites each, the last fewer)."""
+    sites: list[int] = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
+    return sites
+
+
+def largest_chunk_rows(plan: dict[str, Any]) -> int:
+    """The attack rows (image × ε × 2 signs) of the plan's largest chunk of sites."""
+    per_site = Counter(a["site_id"] for a in plan["assignments"])
+    chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
+    images = max((sum(per_site[s] for s in chunk_sites(plan, c)) for c in range(chunks)), default=0)
+    return max(1, images * len(plan["eps_l2"]) * 2)
+
+
+def _engine(
+    version_id: int, steps: int, chunk_rows: int, device: torch.device, store: ContentStore
+) -> AttackEngine:
     """The attack engine of a model version, reused while the model and settings stay the same, so
     that the compiled loop is built once for all chunks of a day, not once per chunk."""
     with runtime.current().sessions() as db:
@@ -189,10 +212,10 @@ def _engine(version_id: int, steps: int, device: torch.device, store: ContentSto
         if version is None:
             raise ValueError(f"model version {version_id} vanished")
         model = load_model(store, version, device)  # the same object while the weights are
-    config = attack_config(steps, device)
+    config = attack_config(steps, device, chunk_rows)
     if not (_ENGINE and _ENGINE[0].model is model and _ENGINE[0].config == config):
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: the padded batch of 512
+            torch.backends.cudnn.benchmark = True  # fixed shapes: every batch padded to one size
         _ENGINE[:] = [AttackEngine(model, config)]
     return _ENGINE[0]
 
@@ -203,16 +226,17 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     rt = runtime.current()
     store = _store()
     device = resolve_device(rt.settings.device)
-    sites = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
-    chunk_sites = set(sites)
-    work = [a for a in plan["assignments"] if a["site_id"] in chunk_sites]
+    sites = set(chunk_sites(plan, chunk))
+    work = [a for a in plan["assignments"] if a["site_id"] in sites]
     if not work:
         return []
     px = plan["input_px"]
     clean = torch.stack([load_image(a["path"], size_hw=(px, px)) for a in work])
     clean_levels = to_levels(clean)
     eps = plan["eps_l2"]
-    engine = _engine(plan["model_version_id"], plan["steps"], device, store)
+    engine = _engine(
+        plan["model_version_id"], plan["steps"], largest_chunk_rows(plan), device, store
+    )
     generator = torch.Generator(device="cpu").manual_seed(plan["seed"] * 1000 + chunk)
     readout = torch.tensor([a["readout_index"] for a in work], dtype=torch.int64)
     rows = AttackRows.grid(torch.arange(len(work)), readout, eps)
