@@ -52,7 +52,15 @@ from itloop.worker import runtime
 from itloop.worker.modelstore import create_day0_version, load_model, site_order
 from itloop.worker.workflows import JobRun, job_workflow
 
-__all__ = ["SITES_PER_CHUNK", "generate", "resolve_device"]
+__all__ = [
+    "SITES_PER_CHUNK",
+    "attack_config",
+    "chunk_count",
+    "chunk_sites",
+    "generate",
+    "largest_chunk_rows",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +196,11 @@ def attack_config(steps: int, device: torch.device, chunk_rows: int = CUDA_BATCH
     )
 
 
+def chunk_count(plan: dict[str, Any]) -> int:
+    """How many chunks of SITES_PER_CHUNK sites the plan's attack runs in."""
+    return math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
+
+
 def chunk_sites(plan: dict[str, Any], chunk: int) -> list[int]:
     """The site ids of a plan's chunk ``chunk`` (SITES_PER_CHUNK sites each, the last fewer)."""
     sites: list[int] = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
@@ -197,8 +210,10 @@ def chunk_sites(plan: dict[str, Any], chunk: int) -> list[int]:
 def largest_chunk_rows(plan: dict[str, Any]) -> int:
     """The attack rows (image × ε × 2 signs) of the plan's largest chunk of sites."""
     per_site = Counter(a["site_id"] for a in plan["assignments"])
-    chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
-    images = max((sum(per_site[s] for s in chunk_sites(plan, c)) for c in range(chunks)), default=0)
+    images = max(
+        (sum(per_site[s] for s in chunk_sites(plan, c)) for c in range(chunk_count(plan))),
+        default=0,
+    )
     return max(1, images * len(plan["eps_l2"]) * 2)
 
 
@@ -292,7 +307,7 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
         "session %s: stimuli of site chunk %d/%d made (%d stimuli)",
         plan["session_id"],
         chunk + 1,
-        math.ceil(len(plan["sites"]) / SITES_PER_CHUNK),
+        chunk_count(plan),
         len(out),
     )
     return out
@@ -437,7 +452,7 @@ def generate(job: JobRun, payload: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     try:
         plan = _prepare(session_id)
-        chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
+        chunks = chunk_count(plan)
         stimuli: list[dict[str, Any]] = []
         for chunk in range(chunks):
             stimuli += _attack(plan, chunk)

@@ -10,6 +10,7 @@ import torch
 from itloop.worker.generation import (
     SITES_PER_CHUNK,
     attack_config,
+    chunk_count,
     chunk_sites,
     largest_chunk_rows,
 )
@@ -45,8 +46,8 @@ def test_the_largest_chunk_sets_the_batch_when_sites_have_unequal_images() -> No
     every site lands in exactly one chunk."""
     counts = {s: (3 if s < 8 else 5) for s in range(11)}
     plan = _plan(counts, [1.0, 2.0])
-    chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
-    seen = [s for c in range(chunks) for s in chunk_sites(plan, c)]
+    assert chunk_count(plan) == 2
+    seen = [s for c in range(chunk_count(plan)) for s in chunk_sites(plan, c)]
     assert sorted(seen) == plan["sites"]
     assert largest_chunk_rows(plan) == 8 * 3 * 2 * 2  # 96 rows, against 3 × 5 × 4 = 60
     # one batch either way: the loop keeps its full size, so smaller runs share it
