@@ -36,7 +36,7 @@ from itloop.stimulus.attacks import (
 )
 from itloop.stimulus.blocks import count_blocks
 from itloop.stimulus.images import write_png_bytes
-from itloop.stimulus.pipeline import PngWriter, attack_and_store, even_batch, png_workers
+from itloop.stimulus.pipeline import PngWriter, attack_and_store, png_workers
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
 
@@ -458,27 +458,23 @@ def _extrapolate_day(
     """A lab day's seconds from two slices (``wall_s`` over ``batches``): the steady-state time of
     a batch is their difference per batch, and what the short slice took beyond its batches comes
     once per run. ``one_run_s``: the day as one run; ``worker_s``: as the worker makes it, one run
-    per chunk of ``chunk_sites`` sites in batches of ``worker_batch`` rows (the even split of a
-    chunk, :func:`~itloop.stimulus.pipeline.even_batch`, at most ``batch``), each batch's time the
-    measured one scaled by its rows. ``extra_per_batch_s`` is added to every batch (the steps the
-    slices did not run)."""
+    per chunk of ``chunk_sites`` sites (each with its own last, padded batch).
+    ``extra_per_batch_s`` is added to every batch (the steps the slices did not run)."""
     per_batch_s = float(long["wall_s"] - short["wall_s"]) / max(
         int(long["batches"]) - int(short["batches"]), 1
     )
     once_s = float(short["wall_s"]) - int(short["batches"]) * per_batch_s
-    worker_batch = even_batch(chunk_sites * _LAB_DAY_SITE_ROWS, batch)
 
-    def run_s(sites: int, size: int) -> float:
-        batches = math.ceil(sites * _LAB_DAY_SITE_ROWS / size)
-        return once_s + batches * (per_batch_s + extra_per_batch_s) * size / batch
+    def run_s(sites: int) -> float:
+        batches = math.ceil(sites * _LAB_DAY_SITE_ROWS / batch)
+        return once_s + batches * (per_batch_s + extra_per_batch_s)
 
     n_sites = LAB_DAY["sites"]
     chunks = [min(chunk_sites, n_sites - first) for first in range(0, n_sites, chunk_sites)]
     return {
         "per_batch_s": per_batch_s,
-        "one_run_s": run_s(n_sites, batch),
-        "worker_batch": worker_batch,
-        "worker_s": sum(run_s(sites, worker_batch) for sites in chunks),
+        "one_run_s": run_s(n_sites),
+        "worker_s": sum(run_s(sites) for sites in chunks),
     }
 
 
@@ -523,7 +519,6 @@ def _lab_day(
         "estimate_min": round(day["one_run_s"] / 60, 2),
         "long_slice_scaled_in_rows_min": round(in_rows / 60, 2),
         "worker_chunk_sites": chunk_sites,
-        "worker_batch": day["worker_batch"],
         "worker_estimate_min": round(day["worker_s"] / 60, 2),
         "method": (
             "rows of the day's layout attacked batch by batch with AttackEngine (random start, "
@@ -533,8 +528,7 @@ def _lab_day(
             "the day is the short slice plus its other batches at the steady-state time of a "
             "batch (the difference of the two slices); worker_estimate_min: the day in the "
             "worker's chunks of worker_chunk_sites sites, each with the short slice's once-only "
-            "time, in batches of worker_batch rows (the chunk split evenly, the last padded), "
-            "each batch's time the steady-state one scaled by its rows"
+            "time and its own last, padded batch"
             + (
                 f"; the {LAB_DAY['steps'] - steps} missing steps a batch added at the measured "
                 f"PGD time ({pgd_batch_s:.3f} s a batch for {steps} steps)"

@@ -33,23 +33,10 @@ from itloop.stimulus.images import encode_png
 from itloop.stimulus.quantisation import from_levels, perturbed_levels
 from itloop.stimulus.sharding import world
 
-__all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "even_batch", "png_workers"]
+__all__ = ["KeptStimuli", "PngWriter", "attack_and_store", "png_workers"]
 
 Put = Callable[[bytes], str]
 """Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
-
-
-def even_batch(rows: int, cap: int) -> int:
-    """The batch size that splits ``rows`` into as few batches of at most ``cap`` as it can, all
-    of (nearly) one size: a compiled loop pads every batch to its fixed size, so 4,032 rows (8
-    sites of 42 images × 6 ε × 2 signs) run as 8 batches of 504, not 7 of 512 and one padded from
-    448. Below ``cap`` rows there is one batch either way and ``cap`` is kept, so that one compiled
-    loop serves runs of any smaller size."""
-    if rows < 1 or cap < 1:
-        raise ValueError(f"rows ({rows}) and cap ({cap}) must be positive")
-    if rows <= cap:
-        return cap
-    return -(-rows // -(-rows // cap))
 
 
 def png_workers() -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from itloop.server.sessions import transition
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows
 from itloop.stimulus.controls import gaussian_noise_control, interpolation_control
 from itloop.stimulus.images import load_image
-from itloop.stimulus.pipeline import PngWriter, attack_and_store, even_batch
+from itloop.stimulus.pipeline import PngWriter, attack_and_store
 from itloop.stimulus.quantisation import from_levels, to_levels
 from itloop.stimulus.rsvp import StimulusSlot, gap_in_presentations, plan_rsvp
 from itloop.stimulus.sources import ImageFolderSource
@@ -52,15 +51,7 @@ from itloop.worker import runtime
 from itloop.worker.modelstore import create_day0_version, load_model, site_order
 from itloop.worker.workflows import JobRun, job_workflow
 
-__all__ = [
-    "SITES_PER_CHUNK",
-    "attack_config",
-    "chunk_count",
-    "chunk_sites",
-    "generate",
-    "largest_chunk_rows",
-    "resolve_device",
-]
+__all__ = ["SITES_PER_CHUNK", "generate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -177,49 +168,20 @@ def _source_name(image_source: str) -> str:
 _ENGINE: list[AttackEngine] = []  # the last engine built in this process
 
 
-CUDA_BATCH = 512
-"""The most rows a batch of the compiled attack loop holds on CUDA (the measured fast size)."""
-
-
-def attack_config(steps: int, device: torch.device, chunk_rows: int = CUDA_BATCH) -> AttackConfig:
+def attack_config(steps: int, device: torch.device) -> AttackConfig:
     """The attack loop's settings on ``device``: on CUDA the measured fast path (bf16 body with the
-    split first layer, channels_last, fused convolutions, compiled), its batch the even split of a
-    chunk's ``chunk_rows`` into batches of at most 512 (the compiled loop pads every batch to its
-    size: 8 sites of 504 rows run as 8 batches of 504, not 8 of 512 with the last padded)."""
+    split first layer, channels_last, fused convolutions, compiled, batch 512)."""
     cuda = device.type == "cuda"
     return AttackConfig(
         steps=steps,
-        batch_size=even_batch(chunk_rows, CUDA_BATCH) if cuda else 32,
+        batch_size=512 if cuda else 32,
         autocast_dtype=torch.bfloat16 if cuda else None,
         channels_last=cuda,
         compile=cuda,
     )
 
 
-def chunk_count(plan: dict[str, Any]) -> int:
-    """How many chunks of SITES_PER_CHUNK sites the plan's attack runs in."""
-    return math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
-
-
-def chunk_sites(plan: dict[str, Any], chunk: int) -> list[int]:
-    """The site ids of a plan's chunk ``chunk`` (SITES_PER_CHUNK sites each, the last fewer)."""
-    sites: list[int] = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
-    return sites
-
-
-def largest_chunk_rows(plan: dict[str, Any]) -> int:
-    """The attack rows (image × ε × 2 signs) of the plan's largest chunk of sites."""
-    per_site = Counter(a["site_id"] for a in plan["assignments"])
-    images = max(
-        (sum(per_site[s] for s in chunk_sites(plan, c)) for c in range(chunk_count(plan))),
-        default=0,
-    )
-    return max(1, images * len(plan["eps_l2"]) * 2)
-
-
-def _engine(
-    version_id: int, steps: int, chunk_rows: int, device: torch.device, store: ContentStore
-) -> AttackEngine:
+def _engine(version_id: int, steps: int, device: torch.device, store: ContentStore) -> AttackEngine:
     """The attack engine of a model version, reused while the model and settings stay the same, so
     that the compiled loop is built once for all chunks of a day, not once per chunk."""
     with runtime.current().sessions() as db:
@@ -227,10 +189,10 @@ def _engine(
         if version is None:
             raise ValueError(f"model version {version_id} vanished")
         model = load_model(store, version, device)  # the same object while the weights are
-    config = attack_config(steps, device, chunk_rows)
+    config = attack_config(steps, device)
     if not (_ENGINE and _ENGINE[0].model is model and _ENGINE[0].config == config):
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: every batch padded to one size
+            torch.backends.cudnn.benchmark = True  # fixed shapes: the padded batch of 512
         _ENGINE[:] = [AttackEngine(model, config)]
     return _ENGINE[0]
 
@@ -241,17 +203,16 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     rt = runtime.current()
     store = _store()
     device = resolve_device(rt.settings.device)
-    sites = set(chunk_sites(plan, chunk))
-    work = [a for a in plan["assignments"] if a["site_id"] in sites]
+    sites = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
+    chunk_sites = set(sites)
+    work = [a for a in plan["assignments"] if a["site_id"] in chunk_sites]
     if not work:
         return []
     px = plan["input_px"]
     clean = torch.stack([load_image(a["path"], size_hw=(px, px)) for a in work])
     clean_levels = to_levels(clean)
     eps = plan["eps_l2"]
-    engine = _engine(
-        plan["model_version_id"], plan["steps"], largest_chunk_rows(plan), device, store
-    )
+    engine = _engine(plan["model_version_id"], plan["steps"], device, store)
     generator = torch.Generator(device="cpu").manual_seed(plan["seed"] * 1000 + chunk)
     readout = torch.tensor([a["readout_index"] for a in work], dtype=torch.int64)
     rows = AttackRows.grid(torch.arange(len(work)), readout, eps)
@@ -307,7 +268,7 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
         "session %s: stimuli of site chunk %d/%d made (%d stimuli)",
         plan["session_id"],
         chunk + 1,
-        chunk_count(plan),
+        math.ceil(len(plan["sites"]) / SITES_PER_CHUNK),
         len(out),
     )
     return out
@@ -452,7 +413,7 @@ def generate(job: JobRun, payload: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     try:
         plan = _prepare(session_id)
-        chunks = chunk_count(plan)
+        chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
         stimuli: list[dict[str, Any]] = []
         for chunk in range(chunks):
             stimuli += _attack(plan, chunk)

@@ -61,16 +61,14 @@ def test_profile_on_a_cpu_ranks_the_ops_and_names_their_callers(
 
 def test_lab_day_extrapolation_separates_the_once_only_time() -> None:
     """Slices of 2 and 5 batches taking 11 and 26 s: 5 s a batch, 1 s once per run. The day has
-    100,800 rows, 197 batches of 512 as one run; in chunks of 8 sites (4,032 rows) the worker
-    runs 25 chunks of 8 batches of 504 rows (5 s × 504/512 each), each with its once-only
-    second."""
+    100,800 rows, 197 batches of 512 as one run; in chunks of 8 sites (4,032 rows, 8 batches) the
+    worker runs 25 chunks of 8 batches, each with its once-only second."""
     short = {"wall_s": 11.0, "batches": 2}
     long = {"wall_s": 26.0, "batches": 5}
     day = benchmark._extrapolate_day(short, long, 512, 0.0, 8)
     assert day["per_batch_s"] == pytest.approx(5.0)
     assert day["one_run_s"] == pytest.approx(1.0 + 197 * 5.0)
-    assert day["worker_batch"] == 504
-    assert day["worker_s"] == pytest.approx(25 * (1.0 + 8 * 5.0 * 504 / 512))
+    assert day["worker_s"] == pytest.approx(25 * (1.0 + 8 * 5.0))
     more_steps = benchmark._extrapolate_day(short, long, 512, 2.0, 200)
     assert more_steps["one_run_s"] == pytest.approx(1.0 + 197 * 7.0)
     assert more_steps["worker_s"] == pytest.approx(more_steps["one_run_s"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -18,7 +17,7 @@ from itloop.stimulus import (
     sha256_hex,
     to_levels,
 )
-from itloop.stimulus.pipeline import PngWriter, attack_and_store, even_batch
+from itloop.stimulus.pipeline import PngWriter, attack_and_store
 
 from .toys import TinyConvNet
 
@@ -148,24 +147,3 @@ def test_stimuli_are_composed_from_their_clean_image_and_refused_when_counts_dif
     for sha, i, dk in zip(shas, index.tolist(), k, strict=True):
         expected = (clean.clamp(3, 250)[i].to(torch.int16) + dk).to(torch.uint8)
         assert torch.equal(decode_png(store.blobs[sha]), expected)
-
-
-@pytest.mark.parametrize("rows", [1, 100, 511, 512, 513, 1024, 1025, 4032, 8000, 100_800])
-def test_even_batch_needs_no_more_batches_and_pads_less_than_one_row_a_batch(rows: int) -> None:
-    """Split into batches of at most 512: as few batches as ``cap`` allows, each under ``cap``,
-    and every batch but the last full, so the padding is under one row a batch."""
-    b = even_batch(rows, 512)
-    assert b <= 512
-    n = math.ceil(rows / b)
-    assert n == math.ceil(rows / 512)
-    if rows > 512:
-        assert n * b - rows < n
-    else:
-        assert b == 512  # one batch either way: the size any smaller run shares
-
-
-def test_even_batch_of_a_lab_chunk_is_one_site_a_batch() -> None:
-    """8 sites of 42 images × 6 ε × 2 signs: 8 batches of 504 rows, none padded."""
-    assert even_batch(8 * 42 * 6 * 2, 512) == 504
-    with pytest.raises(ValueError, match=r"rows \(0\)"):
-        even_batch(0, 512)
