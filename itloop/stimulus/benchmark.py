@@ -360,6 +360,37 @@ def op_callers(events: Iterable[Any]) -> dict[str, str]:
     return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_op.items()}
 
 
+def kernel_rows(
+    averages: Iterable[Any], launchers: dict[str, str], *, cuda: bool
+) -> list[dict[str, Any]]:
+    """A profile's kernels with their own time, most first, from its averaged events: device
+    kernels on CUDA, where the regions the device timeline repeats (a compiled graph's call, a
+    ``record_function`` range) are left out, since their time is their kernels' again; ATen ops
+    (and regions) by their own CPU time otherwise. Each names its launch site from
+    ``launchers``."""
+    rows = []
+    for ev in averages:
+        if cuda:
+            on_device = ev.device_type.name == "CUDA" and not getattr(
+                ev, "is_user_annotation", False
+            )
+            own_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0) * on_device
+        else:
+            own_us = float(ev.self_cpu_time_total or 0.0)
+        if own_us > 0:
+            key = ev.key[:_KERNEL_NAME_CHARS]
+            rows.append(
+                {
+                    "kernel": key,
+                    "calls": ev.count,
+                    "ms": round(own_us / 1e3, 3),
+                    "launched_by": launchers.get(key),
+                }
+            )
+    rows.sort(key=lambda r: -r["ms"])
+    return rows
+
+
 def _profile(
     fn: Callable[[], Any], args: argparse.Namespace, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -374,24 +405,7 @@ def _profile(
         _sync(device)
     events = prof.events()
     launchers = kernel_launchers(events) if cuda else op_callers(events)
-    rows = []
-    for ev in prof.key_averages():
-        if cuda:
-            own_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
-            own_us *= ev.device_type.name == "CUDA"
-        else:
-            own_us = float(ev.self_cpu_time_total or 0.0)
-        if own_us > 0:
-            key = ev.key[:_KERNEL_NAME_CHARS]
-            rows.append(
-                {
-                    "kernel": key,
-                    "calls": ev.count,
-                    "ms": round(own_us / 1e3, 3),
-                    "launched_by": launchers.get(key),
-                }
-            )
-    rows.sort(key=lambda r: -r["ms"])
+    rows = kernel_rows(prof.key_averages(), launchers, cuda=cuda)
     total = sum(r["ms"] for r in rows)
     for r in rows[: args.profile]:
         print(

@@ -127,3 +127,41 @@ def test_each_profiled_kernel_names_the_op_that_launched_most_of_its_time() -> N
     assert benchmark.kernel_launchers([copy, small])["direct_copy_kernel_cuda"] == (
         "aten::copy_ [512, 3, 224, 224] < itloop.run.pgd"
     )
+
+
+def test_profile_rows_leave_out_the_regions_the_device_timeline_repeats() -> None:
+    """A compiled graph's call shows on the device timeline as a user annotation spanning its
+    kernels; counted as a row it would add their time again. Only the kernels are ranked, most
+    time first, each with its launch site."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent, FunctionEventAvg
+
+    def on_device(i: int, name: str, start: int, end: int, *, annotation: bool = False):
+        return FunctionEvent(
+            i,
+            name,
+            0,
+            start,
+            end,
+            use_device="cuda",
+            device_type=DeviceType.CUDA,
+            is_user_annotation=annotation,
+        )
+
+    graph = on_device(1, "## Call CompiledFxGraph abc ##", 0, 900, annotation=True)
+    dgrad = [on_device(2, "convBwdData", 0, 500), on_device(3, "convBwdData", 500, 800)]
+    copy = on_device(4, "direct_copy_kernel_cuda", 800, 900)
+    averages = []
+    for evs in ([graph], dgrad, [copy]):
+        avg = FunctionEventAvg()
+        for ev in evs:
+            avg.add(ev)
+        averages.append(avg)
+
+    rows = benchmark.kernel_rows(averages, {"convBwdData": "itloop::dgrad_epilogue"}, cuda=True)
+    assert [(r["kernel"], r["calls"], r["ms"]) for r in rows] == [
+        ("convBwdData", 2, 0.8),
+        ("direct_copy_kernel_cuda", 1, 0.1),
+    ]
+    assert rows[0]["launched_by"] == "itloop::dgrad_epilogue"
+    assert rows[1]["launched_by"] is None
