@@ -341,9 +341,19 @@ def kernel_launchers(events: Iterable[Any]) -> dict[str, str]:
         kernels = getattr(ev, "kernels", None) or []
         site = _launch_site(ev) if kernels else ""
         for k in kernels:
-            sites = by_kernel.setdefault(k.name[:_KERNEL_NAME_CHARS], {})
-            sites[site] = sites.get(site, 0.0) + float(k.duration)
-    return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_kernel.items()}
+            _add_time(by_kernel, k.name, site, float(k.duration))
+    return _heaviest_sites(by_kernel)
+
+
+def _add_time(table: dict[str, dict[str, float]], name: str, site: str, us: float) -> None:
+    """Add ``us`` to ``name``'s time at ``site`` (names cut as the profile's rows are)."""
+    sites = table.setdefault(name[:_KERNEL_NAME_CHARS], {})
+    sites[site] = sites.get(site, 0.0) + us
+
+
+def _heaviest_sites(table: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Each name's site with the most time."""
+    return {name: max(sites, key=lambda s: sites[s]) for name, sites in table.items()}
 
 
 def op_callers(events: Iterable[Any]) -> dict[str, str]:
@@ -352,12 +362,9 @@ def op_callers(events: Iterable[Any]) -> dict[str, str]:
     by_op: dict[str, dict[str, float]] = {}
     for ev in events:
         own = float(getattr(ev, "self_cpu_time_total", 0.0) or 0.0)
-        if own <= 0 or ev.cpu_parent is None:
-            continue
-        sites = by_op.setdefault(ev.name[:_KERNEL_NAME_CHARS], {})
-        site = _launch_site(ev.cpu_parent)
-        sites[site] = sites.get(site, 0.0) + own
-    return {name: max(sites, key=lambda s: sites[s]) for name, sites in by_op.items()}
+        if own > 0 and ev.cpu_parent is not None:
+            _add_time(by_op, ev.name, _launch_site(ev.cpu_parent), own)
+    return _heaviest_sites(by_op)
 
 
 def kernel_rows(
