@@ -378,10 +378,8 @@ def kernel_rows(
     rows = []
     for ev in averages:
         if cuda:
-            on_device = ev.device_type.name == "CUDA" and not getattr(
-                ev, "is_user_annotation", False
-            )
-            own_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0) * on_device
+            kernel = ev.device_type.name == "CUDA" and not getattr(ev, "is_user_annotation", False)
+            own_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0) if kernel else 0.0
         else:
             own_us = float(ev.self_cpu_time_total or 0.0)
         if own_us > 0:
@@ -398,18 +396,27 @@ def kernel_rows(
     return rows
 
 
+def _profiled(fn: Callable[[], Any], device: torch.device, *, record_shapes: bool = False) -> Any:
+    """The torch profiler after one call of ``fn``, the device's work finished inside it: CPU ops,
+    and on CUDA the device's kernels too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
+        fn()
+        _sync(device)
+    return prof
+
+
 def _profile(
     fn: Callable[[], Any], args: argparse.Namespace, device: torch.device
 ) -> list[dict[str, Any]]:
     """The ``args.profile`` kernels with the most total time over one call of ``fn``, each with
     the op that launched it: device kernels on a GPU, ATen ops (by their own time) on a CPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        fn()
-        _sync(device)
+    prof = _profiled(fn, device, record_shapes=True)
     events = prof.events()
     launchers = kernel_launchers(events) if cuda else op_callers(events)
     rows = kernel_rows(prof.key_averages(), launchers, cuda=cuda)
@@ -560,18 +567,10 @@ def _lab_day(
     }
 
 
-def _profile_phases(fn: Callable[[], Any]) -> dict[str, dict[str, float]]:
+def _profile_phases(fn: Callable[[], Any], device: torch.device) -> dict[str, dict[str, float]]:
     """Wall and device milliseconds of each ``itloop.run.*`` phase over one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    prof = _profiled(fn, device)
     wall_ms = (time.perf_counter() - t0) * 1e3
     phases: dict[str, dict[str, float]] = {}
     for ev in prof.key_averages():
@@ -794,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result, run_s = _timed(full_run, device)
     ours["engine_run_s"] = round(run_s, 3)  # the same batch end to end: PGD, rounding, scoring
     if args.profile_run:
-        out["run_phases_ms"] = _profile_phases(full_run)
+        out["run_phases_ms"] = _profile_phases(full_run, device)
     quality["ours_quantised"] = _best_sign_mean(result.predicted_change)
     quality["ours_quantised_realised_eps_over_requested_max"] = round(
         float((result.realised_eps_l2 / result.eps_l2).max()), 6

@@ -46,10 +46,13 @@ def test_profile_on_a_cpu_ranks_the_ops_and_names_their_callers(
 ) -> None:
     """``--profile`` on a CPU device ranks the ATen ops (and the regions around them) by their
     own time over 3 steps, each with the op or region that called it, instead of asking for
-    CUDA."""
-    argv = ["--quick", "--device", "cpu", "--profile", "6", "--no-torchattacks", "--no-lab-day"]
-    assert benchmark.main(argv) == 0
-    rows = json.loads(capsys.readouterr().out)["ours"]["profile_top_kernels"]
+    CUDA; ``--profile-run`` times a run's phases on the same device."""
+    argv = ["--quick", "--device", "cpu", "--profile", "6", "--profile-run"]
+    assert benchmark.main([*argv, "--no-torchattacks", "--no-lab-day"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # --profile-run: where one AttackEngine.run's time goes, PGD among its phases
+    assert printed["run_phases_ms"]["itloop.run.pgd"]["wall_ms"] > 0
+    rows = printed["ours"]["profile_top_kernels"]
     assert len(rows) == 6
     assert any(r["kernel"].startswith("aten::") for r in rows)
     assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
