@@ -20,6 +20,9 @@ def main(out_dir: Path) -> None:
     result: AttackResult = engine.run(images, rows, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
     rank = dist.get_rank()
     torch.save({k: getattr(result, k) for k in result.__dataclass_fields__}, out_dir / f"{rank}.pt")
+    # both ranks leave together: gloo aborted now and then (SIGABRT, "terminate called without an
+    # active exception") in the rank that tore its group down while the other still held it
+    dist.barrier()
     dist.destroy_process_group()
 
 
