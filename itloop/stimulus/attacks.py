@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from itloop.stimulus import fused_step
 from itloop.stimulus.constraints import project_l2_box_step, random_start_l2_box
 from itloop.stimulus.errors import AttackError
 from itloop.stimulus.folding import fold_batchnorm
@@ -275,6 +276,9 @@ class AttackConfig:
     takes minutes.
     projection_iterations: active-set updates of the projection per step (feasible after any
     number).
+    triton_step: with compile, on CUDA where Triton imports, the projected step runs as Triton
+    kernels that cut each row over many programs (:mod:`itloop.stimulus.fused_step`) instead of
+    inductor's kernel with one program per row; the same arithmetic.
     """
 
     steps: int = 100
@@ -296,6 +300,7 @@ class AttackConfig:
     fuse_blocks: bool = True
     matmul_1x1: str = "none"
     gemm_templates: bool = False
+    triton_step: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
@@ -344,6 +349,7 @@ class AttackEngine:
     _step: Callable[..., tuple[Tensor, ...]] | None = field(default=None, init=False, repr=False)
     _eager: nn.Module | None = field(default=None, init=False, repr=False)
     _draw: Draw = field(default_factory=lambda: normal_and_uniform, init=False, repr=False)
+    _triton_step: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -393,9 +399,16 @@ class AttackEngine:
             else:
                 fast = torch.compile(fast, mode=cfg.compile_mode, dynamic=False)  # type: ignore[assignment]
             step = torch.compile(_pgd_step, dynamic=False)
+            if cfg.triton_step and fused_step.available(example):
+                step, self._triton_step = fused_step.pgd_step, True
             self._draw = torch.compile(normal_and_uniform, dynamic=False)
         self._fast, self._eager, self._step = fast, eager, step
         return fast
+
+    @property
+    def uses_triton_step(self) -> bool:
+        """Whether the prepared loop takes its steps with :func:`fused_step.pgd_step`."""
+        return self._triton_step
 
     def _set_reference(self, images: Tensor, index: Tensor | None = None) -> None:
         """Make the clean images (their input to the split first convolution) the reference:
@@ -642,7 +655,7 @@ class AttackEngine:
             delta = random_start_l2_box(x, eps, noise, u, iterations=iters)
         alpha = eps * cfg.step_ratio
         best_obj = torch.full_like(eps, -torch.inf)
-        best_delta = delta
+        best_delta = delta.clone() if self.uses_triton_step else delta  # updated in place
         best_val = torch.zeros_like(eps)
         z = x + delta
         for _ in range(n_steps):

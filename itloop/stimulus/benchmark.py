@@ -137,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
         help="active-set updates of the ball∩box projection per step (default %(default)s)",
     )
     p.add_argument(
+        "--triton-step",
+        action=argparse.BooleanOptionalAction,
+        default=AttackConfig.triton_step,
+        help="with compile on CUDA, the projected step as Triton kernels over tiles of each row "
+        "(default) or inductor's kernel with one program per row",
+    )
+    p.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -646,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         matmul_1x1=args.matmul_1x1,
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
+        triton_step=args.triton_step,
     )
     engine = AttackEngine(model, config)
     x = images[rows.image_index.to(device)].contiguous()
@@ -709,6 +717,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compile_mode": args.compile_mode,
         "compile_error": compile_error,
         "projection": f"exact ball∩box, {config.projection_iterations} active-set updates/step",
+        "step": (
+            "Triton kernels over tiles of each row"
+            if engine.uses_triton_step
+            else "compiled torch"
+            if use_compile
+            else "eager torch"
+        ),
         "keep_best": config.keep_best,
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),

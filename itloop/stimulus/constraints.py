@@ -162,7 +162,8 @@ def project_l2_box_step(
     d_sq = delta.square().sum(_REDUCE_DIMS)
     cross = (delta * direction).sum(_REDUCE_DIMS)
     dir_sq = direction.square().sum(_REDUCE_DIMS)
-    s = alpha / dir_sq.sqrt().clamp_min(1e-30)
+    # a gradient with ‖d‖² ≤ 1e-30 is no direction: the step is 0 (and s² stays finite)
+    s = torch.where(dir_sq > _NO_DIRECTION, alpha / dir_sq.clamp_min(_NO_DIRECTION).sqrt(), 0.0)
     norm_sq = d_sq + 2.0 * s * cross + s.square() * dir_sq
     magnitude = d_sq + 2.0 * s * cross.abs() + s.square() * dir_sq
     upper = norm_sq.clamp_min(0.0) + _STEP_NORM_MARGIN * magnitude
@@ -170,6 +171,7 @@ def project_l2_box_step(
     return project_l2_box_rows(x, v, eps, iterations=iterations, norm_sq_upper=upper)
 
 
+_NO_DIRECTION = 1e-30
 _STEP_NORM_MARGIN = 1e-5
 """Relative margin on ‖δ + s·d‖² computed from its three sums: fp32 sums over a 224×224 image are
 good to ~1e-6 of the terms' magnitudes, so the bound stays above the norm. Where the terms do not

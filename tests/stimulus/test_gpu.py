@@ -14,12 +14,14 @@ from itloop.stimulus import (
     SplitStem,
     exact_fp32,
     from_levels,
+    fused_step,
     gaussian_noise_control,
     project_l2_box,
     to_levels,
 )
+from itloop.stimulus.attacks import _pgd_step
 
-from .toys import TinyConvNet, on_grid
+from .toys import TinyConvNet, on_grid, step_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -297,3 +299,39 @@ def test_cuda_row_draws_are_the_cpu_draws_compiled_or_not() -> None:
         z, u = draw(keys.cuda(), 3 * 64 * 64)
         assert torch.allclose(z.cpu(), z_cpu, rtol=1e-5, atol=1e-5)
         assert torch.allclose(u.cpu(), u_cpu, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_cuda_triton_step_is_the_step(iterations: int) -> None:
+    """The tiled Triton step against the step's torch arithmetic on full-size rows (37 tiles of
+    3 × 224 × 224, the last one partial), every branch of the projection taken."""
+    case = step_case(16, (3, 224, 224), "cuda")
+    want = _pgd_step(**{**case, "best_delta": case["best_delta"].clone()},
+                     iterations=iterations, keep_best=True)  # fmt: skip
+    buffer = case["best_delta"].clone()
+    got = fused_step.pgd_step(**{**case, "best_delta": buffer},
+                              iterations=iterations, keep_best=True)  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[1], case["x"] + got[0], rtol=0, atol=0)
+    for g, w in zip(got[2:], want[2:], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert got[4] is buffer
+    norms = got[0].double().flatten(1).norm(dim=1)
+    assert bool((norms <= case["eps"].double() * (1 + 1e-6)).all())
+
+
+def test_cuda_compiled_engine_steps_with_triton_and_attacks_as_before() -> None:
+    model = TinyConvNet(n_sites=4).cuda()
+    g = torch.Generator().manual_seed(0)
+    images = on_grid(torch.rand(6, 3, 32, 32, generator=g)).cuda()
+    rows = AttackRows.grid([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0.5, 2.0])
+    results = []
+    for triton_step in (True, False):
+        engine = AttackEngine(
+            model, AttackConfig(steps=20, batch_size=8, compile=True, triton_step=triton_step)
+        )
+        result = engine.run(images, rows, generator=torch.Generator().manual_seed(1))
+        assert engine.uses_triton_step is triton_step
+        assert bool((result.realised_eps_l2 <= result.eps_l2).all())
+        results.append(float((result.sign.float() * result.predicted_change).mean()))
+    assert results[0] == pytest.approx(results[1], rel=1e-3)

@@ -79,3 +79,42 @@ def sharding_job() -> tuple[nn.Module, Tensor, object, object]:
     rows = AttackRows.grid([0, 1, 2, 0], [0, 1, 2, 1], [0.5, 1.0])
     config = AttackConfig(steps=4, batch_size=4, autocast_dtype=None)
     return model, images, rows, config
+
+
+def step_case(
+    rows: int, shape: tuple[int, int, int], device: str | torch.device = "cpu", seed: int = 0
+) -> dict[str, Tensor]:
+    """Operands of one PGD step where every branch of the projection is taken: saturated images
+    (the box clips), a small step that fits whole, a zero gradient, improving and not improving
+    iterates. Returns keyword arguments of ``attacks._pgd_step`` (without iterations, keep_best).
+    """
+    from itloop.stimulus.constraints import random_start_l2_box
+
+    g = torch.Generator().manual_seed(seed)
+    x = on_grid(torch.rand(rows, *shape, generator=g))
+    x[: rows // 2] = (x[: rows // 2] > 0.5).float()  # every pixel at an edge of the box
+    eps = torch.linspace(0.25, 4.0, rows)
+    alpha = eps / 3
+    alpha[1] = eps[1] * 1e-4  # the clipped step fits inside the ball
+    delta = random_start_l2_box(
+        x, eps, torch.randn(x.shape, generator=g), torch.rand(rows, generator=g), iterations=None
+    )
+    grad = torch.randn(x.shape, generator=g)
+    grad[2] = 0.0
+    val = torch.randn(rows, generator=g)
+    sign = torch.where(torch.rand(rows, generator=g) > 0.5, 1.0, -1.0)
+    best_obj = torch.where(torch.arange(rows) % 3 == 0, -torch.inf, sign * val + 0.1)
+    best_obj[1::4] = sign[1::4] * val[1::4] - 0.1
+    case = {
+        "x": x,
+        "delta": delta,
+        "grad": grad,
+        "val": val,
+        "sign": sign,
+        "eps": eps,
+        "alpha": alpha,
+        "best_obj": best_obj,
+        "best_val": torch.randn(rows, generator=g),
+        "best_delta": torch.randn(x.shape, generator=g),
+    }
+    return {k: v.to(device) for k, v in case.items()}
