@@ -300,7 +300,7 @@ class AttackConfig:
     fuse_blocks: bool = True
     matmul_1x1: str = "none"
     gemm_templates: bool = False
-    triton_step: bool = True
+    triton_step: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:

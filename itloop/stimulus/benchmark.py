@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
         "--triton-step",
         action=argparse.BooleanOptionalAction,
         default=AttackConfig.triton_step,
-        help="with compile on CUDA, the projected step as Triton kernels over tiles of each row "
-        "(default) or inductor's kernel with one program per row",
+        help="with compile on CUDA, the projected step as Triton kernels over tiles of each row, "
+        "or inductor's kernel with one program per row (default: %(default)s)",
     )
     p.add_argument(
         "--profile",
