@@ -152,7 +152,7 @@ def project_l2_box_step(
     x, delta, direction: (B, C, H, W) fp32; alpha, eps: (B,) fp32. Where d = 0 the step is δ
     itself projected.
 
-    The step's norm needs no pass of its own: ``‖δ + s·d‖² = ‖δ‖² + 2s⟨δ, d⟩ + s²‖d‖²`` with
+    The step's norm needs no pass of its own: ``‖δ + s·d‖² = ‖δ‖² + 2s⟨δ, d⟩ + α²`` with
     ``s = α/‖d‖``, and ‖d‖², ⟨δ, d⟩ and ‖δ‖² are read in one pass over δ and d. The start of the
     active-set iteration must not exceed the scale-only t (that keeps every iterate feasible), so
     the norm is bounded from above by a margin that covers the rounding of the cross term. Passes
@@ -162,16 +162,21 @@ def project_l2_box_step(
     d_sq = delta.square().sum(_REDUCE_DIMS)
     cross = (delta * direction).sum(_REDUCE_DIMS)
     dir_sq = direction.square().sum(_REDUCE_DIMS)
-    # a gradient with ‖d‖² ≤ 1e-30 is no direction: the step is 0 (and s² stays finite)
-    s = torch.where(dir_sq > _NO_DIRECTION, alpha / dir_sq.clamp_min(_NO_DIRECTION).sqrt(), 0.0)
-    norm_sq = d_sq + 2.0 * s * cross + s.square() * dir_sq
-    magnitude = d_sq + 2.0 * s * cross.abs() + s.square() * dir_sq
+    # ‖s·d‖² is α² (0 where d = 0), not s²·‖d‖²: s² overflows fp32 for gradients below ~1e-19
+    has_direction = dir_sq > 0
+    s = torch.where(has_direction, alpha / dir_sq.clamp_min(_FLT_MIN).sqrt(), 0.0)
+    step_sq = torch.where(has_direction, alpha.square(), 0.0)
+    norm_sq = d_sq + 2.0 * s * cross + step_sq
+    magnitude = d_sq + 2.0 * s * cross.abs() + step_sq
     upper = norm_sq.clamp_min(0.0) + _STEP_NORM_MARGIN * magnitude
     v = delta + s.view(-1, 1, 1, 1) * direction
     return project_l2_box_rows(x, v, eps, iterations=iterations, norm_sq_upper=upper)
 
 
-_NO_DIRECTION = 1e-30
+_FLT_MIN = torch.finfo(torch.float32).tiny
+"""The smallest normal fp32: ‖d‖² below it (subnormal) is raised to it, which only shortens the
+step; it keeps α/‖d‖ finite."""
+
 _STEP_NORM_MARGIN = 1e-5
 """Relative margin on ‖δ + s·d‖² computed from its three sums: fp32 sums over a 224×224 image are
 good to ~1e-6 of the terms' magnitudes, so the bound stays above the norm. Where the terms do not

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from itloop.stimulus.constraints import _FLT_MIN, _STEP_NORM_MARGIN
+
 __all__ = ["BLOCK", "available", "pgd_step"]
 
 BLOCK = 4096
 """Values per program: 37 tiles of a 3 × 224 × 224 row."""
 
-_STEP_NORM_MARGIN = 1e-5  # constraints._STEP_NORM_MARGIN; tested equal
-_NO_DIRECTION = 1e-30  # constraints._NO_DIRECTION
 try:
     import triton
     import triton.language as tl
@@ -47,16 +47,17 @@ if triton is not None:
         return tl.sum(tl.load(ptr + row * n_tiles + offs, mask=offs < n_tiles, other=0.0), 0)
 
     @triton.jit
-    def _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, no_direction, TILES: tl.constexpr):
+    def _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES: tl.constexpr):
         """(s, t₀, ε) of a row: the step's scale and the start of the active-set iteration."""
         d_sq = _row_sum(sums, row, n_tiles, TILES)
         cross = _row_sum(sums + 1 * tl.num_programs(0) * n_tiles, row, n_tiles, TILES)
         dir_sq = _row_sum(sums + 2 * tl.num_programs(0) * n_tiles, row, n_tiles, TILES)
         alpha = tl.load(alpha_ptr + row)
         eps = tl.load(eps_ptr + row)
-        s = tl.where(dir_sq > no_direction, alpha / tl.sqrt(tl.maximum(dir_sq, no_direction)), 0.0)
-        norm_sq = d_sq + 2.0 * s * cross + s * s * dir_sq
-        magnitude = d_sq + 2.0 * s * tl.abs(cross) + s * s * dir_sq
+        s = tl.where(dir_sq > 0, alpha / tl.sqrt(tl.maximum(dir_sq, flt_min)), 0.0)
+        step_sq = tl.where(dir_sq > 0, alpha * alpha, 0.0)
+        norm_sq = d_sq + 2.0 * s * cross + step_sq
+        magnitude = d_sq + 2.0 * s * tl.abs(cross) + step_sq
         upper = tl.maximum(norm_sq, 0.0) + margin * magnitude
         t = tl.where(upper > 0, eps / tl.maximum(tl.sqrt(upper), 1e-30), 1.0)
         return s, tl.minimum(t, 1.0), eps
@@ -108,7 +109,7 @@ if triton is not None:
         n,
         n_tiles,
         margin,
-        no_direction,
+        flt_min,
         BLOCK: tl.constexpr,
         TILES: tl.constexpr,
     ):
@@ -118,7 +119,7 @@ if triton is not None:
         tile = tl.program_id(1)
         n_rows = tl.num_programs(0)
         plane = n_rows * n_tiles
-        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, no_direction, TILES)
+        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES)
         if k > 0:
             prev = parts + (k - 1) * 3 * plane
             t = _update(
@@ -162,7 +163,7 @@ if triton is not None:
         n,
         n_tiles,
         margin,
-        no_direction,
+        flt_min,
         KEEP_BEST: tl.constexpr,
         BLOCK: tl.constexpr,
         TILES: tl.constexpr,
@@ -172,7 +173,7 @@ if triton is not None:
         tile = tl.program_id(1)
         n_rows = tl.num_programs(0)
         plane = n_rows * n_tiles
-        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, no_direction, TILES)
+        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES)
         prev = parts + last * 3 * plane
         t = _update(tl.load(ts + last * n_rows + row), prev, prev + plane, row, n_tiles, eps, TILES)
         inside = _row_sum(parts + 2 * plane, row, n_tiles, TILES) <= eps * eps
@@ -266,11 +267,11 @@ def pgd_step(
     for k in range(iterations):
         kernels["update"][grid](
             x, delta, grad, sums, alpha, eps, ts, parts, k, n, n_tiles, _STEP_NORM_MARGIN,
-            _NO_DIRECTION, BLOCK=BLOCK, TILES=tiles_p2, num_warps=8,
+            _FLT_MIN, BLOCK=BLOCK, TILES=tiles_p2, num_warps=8,
         )  # fmt: skip
     kernels["output"][grid](
         x, delta, grad, sums, alpha, eps, ts, parts, iterations - 1, val, sign, best_obj, best_val,
-        best_delta, new_d, z, new_obj, new_val, n, n_tiles, _STEP_NORM_MARGIN, _NO_DIRECTION,
+        best_delta, new_d, z, new_obj, new_val, n, n_tiles, _STEP_NORM_MARGIN, _FLT_MIN,
         KEEP_BEST=keep_best, BLOCK=BLOCK, TILES=tiles_p2, num_warps=8,
     )  # fmt: skip
     if not keep_best:

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from itloop.stimulus import attacks, constraints, fused_step  # after TRITON_INTERPRET is set
+from itloop.stimulus import attacks, fused_step  # after TRITON_INTERPRET is set
 
 from .toys import step_case
 
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused_step, "BLOCK", 1024)  # several tiles a row, the last one partial
-
-
-def test_the_constants_are_the_projections() -> None:
-    assert fused_step._STEP_NORM_MARGIN == constraints._STEP_NORM_MARGIN
-    assert fused_step._NO_DIRECTION == constraints._NO_DIRECTION
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 3])

@@ -177,7 +177,8 @@ def test_a_step_projected_from_its_sums_is_the_projection_of_the_step(
 ) -> None:
     """project_l2_box_step takes the step's norm from ‖δ‖², ⟨δ, d⟩ and ‖d‖²; its answer is the
     exact projection of δ + α·d/‖d‖, including rows where the step cancels δ (v = 0), rows with no
-    direction (d = 0) and rows whose clipped step fits whole."""
+    direction (d = 0), a gradient so small that (α/‖d‖)² overflows fp32, and rows whose clipped step
+    fits whole."""
     g = torch.Generator().manual_seed(int(frac_saturated * 10) + 3)
     shape = (6, 3, 64, 64)
     x = torch.rand(shape, generator=g)
@@ -190,6 +191,7 @@ def test_a_step_projected_from_its_sums_is_the_projection_of_the_step(
     alpha[1] = float(delta[1].norm())
     direction[2] = 0.0  # no gradient: δ stays
     alpha[4] = 1e-4  # a tiny step from the boundary
+    direction[5] *= 2e-19 / direction[5].norm()  # (α/‖d‖)² overflows fp32; the step must not
     expected = project_l2_box_rows(
         x,
         delta
