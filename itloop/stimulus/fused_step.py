@@ -83,6 +83,30 @@ if triton is not None:
         return v, tl.abs(v), tl.maximum(tl.where(v >= 0, 1.0 - x, x), 0.0)
 
     @triton.jit
+    def _pass(
+        x_ptr, d_ptr, g_ptr, sums, alpha_ptr, eps_ptr, ts, parts, k, n, n_tiles, margin, flt_min,
+        BLOCK: tl.constexpr, TILES: tl.constexpr,
+    ):  # fmt: skip
+        """The start of pass k in a program: t_k of its row (t₀ from the step's sums, t_k by the
+        update from pass k − 1's sums), and its tile's x, δ, v = δ + s·g, |v| and room."""
+        row = tl.program_id(0)
+        tile = tl.program_id(1)
+        n_rows = tl.num_programs(0)
+        plane = n_rows * n_tiles
+        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES)
+        if k > 0:
+            prev = parts + (k - 1) * 3 * plane
+            t = _update(
+                tl.load(ts + (k - 1) * n_rows + row), prev, prev + plane, row, n_tiles, eps, TILES
+            )
+        offs, mask, base = _offsets(row, tile, n, BLOCK)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
+        d = tl.load(d_ptr + base + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v, a, cap = _candidate(x, d, g, s)
+        return row, tile, offs, mask, base, x, d, v, a, cap, t, eps
+
+    @triton.jit
     def sums_kernel(d_ptr, g_ptr, out, n, n_tiles, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         tile = tl.program_id(1)
@@ -115,21 +139,12 @@ if triton is not None:
     ):
         """Pass k of the active-set iteration: t_k, then this tile's sums at t_k (k = 0 also the
         sum that says whether the clipped step fits whole)."""
-        row = tl.program_id(0)
-        tile = tl.program_id(1)
+        row, tile, _, _, _, _, _, _, a, cap, t, _ = _pass(
+            x_ptr, d_ptr, g_ptr, sums, alpha_ptr, eps_ptr, ts, parts, k, n, n_tiles, margin,
+            flt_min, BLOCK, TILES,
+        )  # fmt: skip
         n_rows = tl.num_programs(0)
         plane = n_rows * n_tiles
-        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES)
-        if k > 0:
-            prev = parts + (k - 1) * 3 * plane
-            t = _update(
-                tl.load(ts + (k - 1) * n_rows + row), prev, prev + plane, row, n_tiles, eps, TILES
-            )
-        offs, mask, base = _offsets(row, tile, n, BLOCK)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
-        d = tl.load(d_ptr + base + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        _, a, cap = _candidate(x, d, g, s)
         clipped = t * a > cap
         out = parts + k * 3 * plane + row * n_tiles + tile
         tl.store(out, tl.sum(tl.where(clipped, 0.0, a * a), 0))
@@ -150,7 +165,7 @@ if triton is not None:
         eps_ptr,
         ts,
         parts,
-        last,
+        k,
         val_ptr,
         sign_ptr,
         best_obj_ptr,
@@ -168,21 +183,15 @@ if triton is not None:
         BLOCK: tl.constexpr,
         TILES: tl.constexpr,
     ):
-        """The projected step, x + step, and the scored iterate kept where it is the best."""
-        row = tl.program_id(0)
-        tile = tl.program_id(1)
-        n_rows = tl.num_programs(0)
-        plane = n_rows * n_tiles
-        s, t, eps = _scale(sums, row, n_tiles, alpha_ptr, eps_ptr, margin, flt_min, TILES)
-        prev = parts + last * 3 * plane
-        t = _update(tl.load(ts + last * n_rows + row), prev, prev + plane, row, n_tiles, eps, TILES)
+        """Pass k (the last): the projected step, x + step, and the scored iterate kept where it
+        is the best."""
+        row, tile, offs, mask, base, x, d, v, a, cap, t, eps = _pass(
+            x_ptr, d_ptr, g_ptr, sums, alpha_ptr, eps_ptr, ts, parts, k, n, n_tiles, margin,
+            flt_min, BLOCK, TILES,
+        )  # fmt: skip
+        plane = tl.num_programs(0) * n_tiles
         inside = _row_sum(parts + 2 * plane, row, n_tiles, TILES) <= eps * eps
         t = tl.where(inside, 1.0, t)
-        offs, mask, base = _offsets(row, tile, n, BLOCK)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
-        d = tl.load(d_ptr + base + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        v, a, cap = _candidate(x, d, g, s)
         m = tl.minimum(t * a, cap)
         new = tl.where(v < 0, -m, m)
         tl.store(new_d_ptr + base + offs, new, mask=mask)
@@ -270,7 +279,7 @@ def pgd_step(
             _FLT_MIN, BLOCK=BLOCK, TILES=tiles_p2, num_warps=8,
         )  # fmt: skip
     kernels["output"][grid](
-        x, delta, grad, sums, alpha, eps, ts, parts, iterations - 1, val, sign, best_obj, best_val,
+        x, delta, grad, sums, alpha, eps, ts, parts, iterations, val, sign, best_obj, best_val,
         best_delta, new_d, z, new_obj, new_val, n, n_tiles, _STEP_NORM_MARGIN, _FLT_MIN,
         KEEP_BEST=keep_best, BLOCK=BLOCK, TILES=tiles_p2, num_warps=8,
     )  # fmt: skip
