@@ -260,6 +260,14 @@ def pgd_step(
                 f"{name} must be contiguous on {x.device} with shape {tuple(x.shape)}, got "
                 f"{tuple(t.shape)} on {t.device}"
             )
+    for name, t, dtypes in (
+        ("x", x, (torch.float32,)),
+        ("delta", delta, (torch.float32,)),
+        ("grad", grad, (torch.float32, torch.bfloat16)),
+        ("best_delta", best_delta, (torch.float32,)),
+    ):
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
     rows = x.shape[0]
     n = x[0].numel()
     n_tiles = -(-n // BLOCK)

@@ -59,5 +59,17 @@ def test_bad_operands_are_named() -> None:
     with pytest.raises(ValueError, match="grad must be contiguous"):
         fused_step.pgd_step(**{**case, "grad": case["grad"].transpose(2, 3)},
                             iterations=1, keep_best=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"delta must be one of .*float32.*, got torch.float64"):
+        fused_step.pgd_step(**{**case, "delta": case["delta"].double()},
+                            iterations=1, keep_best=True)  # fmt: skip
     with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
         fused_step.pgd_step(**case, iterations=0, keep_best=True)
+
+
+def test_a_bf16_gradient_is_read_as_its_fp32_values() -> None:
+    case = step_case(4, (3, 16, 40))
+    grad = case["grad"].bfloat16()
+    as_fp32 = {**case, "grad": grad.float(), "best_delta": case["best_delta"].clone()}
+    want = attacks._pgd_step(**as_fp32, iterations=2, keep_best=True)
+    got = fused_step.pgd_step(**{**case, "grad": grad}, iterations=2, keep_best=True)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-7)
