@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     )
     model_input_px: int = Field(default=224, ge=16, le=1024)
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    generation_chunk_batches: int = Field(
+        default=8,
+        ge=1,
+        description="a session's attacks are made in durable steps of about this many batches "
+        "of the attack engine; a worker restarted mid-generation makes at most one step again",
+    )
     worker_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$",

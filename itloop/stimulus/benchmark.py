@@ -36,7 +36,13 @@ from itloop.stimulus.attacks import (
 )
 from itloop.stimulus.blocks import count_blocks
 from itloop.stimulus.images import write_png_bytes
-from itloop.stimulus.pipeline import PngWriter, attack_and_store, png_workers
+from itloop.stimulus.pipeline import (
+    CHUNK_BATCHES,
+    PngWriter,
+    attack_and_store,
+    day_chunks,
+    png_workers,
+)
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
 
@@ -65,7 +71,8 @@ ESTIMATE_FLOP_PER_IMAGE_STEP = 14.6e9
 LAB_DAY = {"sites": 200, "images_per_site": 42, "eps": 6, "signs": 2, "steps": 100}
 LAB_DAY_EPS = (0.5, 1.0, 2.0, 4.0, 7.0, 10.0)
 """A day's ε list across the paper's range (0.5 … 10)."""
-_LAB_DAY_SITE_ROWS = LAB_DAY["images_per_site"] * LAB_DAY["eps"] * LAB_DAY["signs"]
+_LAB_DAY_PAIR_ROWS = LAB_DAY["eps"] * LAB_DAY["signs"]
+_LAB_DAY_SITE_ROWS = LAB_DAY["images_per_site"] * _LAB_DAY_PAIR_ROWS
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -166,11 +173,11 @@ def _parser() -> argparse.ArgumentParser:
         "which has 2 (default 3)",
     )
     p.add_argument(
-        "--lab-day-chunk-sites",
+        "--lab-day-chunk-batches",
         type=int,
-        default=8,
-        help="sites in each of the worker's generation chunks, for its lab-day figure (default "
-        "%(default)s, the worker's)",
+        default=CHUNK_BATCHES,
+        help="batches in each of the worker's generation chunks, about, for its lab-day figure "
+        "(default %(default)s, the worker's)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="also write the JSON here")
@@ -488,28 +495,31 @@ def _extrapolate_day(
     long: dict[str, Any],
     batch: int,
     extra_per_batch_s: float,
-    chunk_sites: int,
+    chunk_batches: int,
 ) -> dict[str, float]:
     """A lab day's seconds from two slices (``wall_s`` over ``batches``): the steady-state time of
     a batch is their difference per batch, and what the short slice took beyond its batches comes
     once per run. ``one_run_s``: the day as one run; ``worker_s``: as the worker makes it, one run
-    per chunk of ``chunk_sites`` sites (each with its own last, padded batch).
-    ``extra_per_batch_s`` is added to every batch (the steps the slices did not run)."""
+    per chunk of its (image, site) pairs (:func:`day_chunks` of about ``chunk_batches`` batches,
+    each run padding its last batch). ``extra_per_batch_s`` is added to every batch (the steps the
+    slices did not run)."""
     per_batch_s = float(long["wall_s"] - short["wall_s"]) / max(
         int(long["batches"]) - int(short["batches"]), 1
     )
     once_s = float(short["wall_s"]) - int(short["batches"]) * per_batch_s
 
-    def run_s(sites: int) -> float:
-        batches = math.ceil(sites * _LAB_DAY_SITE_ROWS / batch)
+    def run_s(pairs: int) -> float:
+        batches = math.ceil(pairs * _LAB_DAY_PAIR_ROWS / batch)
         return once_s + batches * (per_batch_s + extra_per_batch_s)
 
-    n_sites = LAB_DAY["sites"]
-    chunks = [min(chunk_sites, n_sites - first) for first in range(0, n_sites, chunk_sites)]
+    n_pairs = LAB_DAY["sites"] * LAB_DAY["images_per_site"]
+    chunks = day_chunks(n_pairs, _LAB_DAY_PAIR_ROWS, batch, chunk_batches)
     return {
         "per_batch_s": per_batch_s,
-        "one_run_s": run_s(n_sites),
-        "worker_s": sum(run_s(sites) for sites in chunks),
+        "one_run_s": run_s(n_pairs),
+        "worker_s": sum(run_s(end - start) for start, end in chunks),
+        "worker_chunks": len(chunks),
+        "worker_chunk_rows": (chunks[0][1] - chunks[0][0]) * _LAB_DAY_PAIR_ROWS,
     }
 
 
@@ -537,9 +547,8 @@ def _lab_day(
     short = _lab_day_slice(engine, args, hw, device, gen, 2)
     long = _lab_day_slice(engine, args, hw, device, gen, 2 + max(1, args.lab_day_batches))
     extra_per_batch_s = pgd_batch_s * (LAB_DAY["steps"] - steps) / max(steps, 1)
-    chunk_sites = max(1, args.lab_day_chunk_sites)
     day_rows = LAB_DAY["sites"] * _LAB_DAY_SITE_ROWS
-    day = _extrapolate_day(short, long, b, extra_per_batch_s, chunk_sites)
+    day = _extrapolate_day(short, long, b, extra_per_batch_s, args.lab_day_chunk_batches)
     in_rows = (long["wall_s"] + long["batches"] * extra_per_batch_s) * day_rows / long["rows"]
     return {
         "protocol": LAB_DAY,
@@ -553,7 +562,8 @@ def _lab_day(
         "estimate_s": round(day["one_run_s"], 1),
         "estimate_min": round(day["one_run_s"] / 60, 2),
         "long_slice_scaled_in_rows_min": round(in_rows / 60, 2),
-        "worker_chunk_sites": chunk_sites,
+        "worker_chunks": day["worker_chunks"],
+        "worker_chunk_rows": day["worker_chunk_rows"],
         "worker_estimate_min": round(day["worker_s"] / 60, 2),
         "method": (
             "rows of the day's layout attacked batch by batch with AttackEngine (random start, "
@@ -562,8 +572,8 @@ def _lab_day(
             "while the device runs the next batch (itloop.stimulus.pipeline, as the worker does); "
             "the day is the short slice plus its other batches at the steady-state time of a "
             "batch (the difference of the two slices); worker_estimate_min: the day in the "
-            "worker's chunks of worker_chunk_sites sites, each with the short slice's once-only "
-            "time and its own last, padded batch"
+            "worker's worker_chunks chunks of worker_chunk_rows rows (whole batches but the "
+            "last chunk's), each with the short slice's once-only time and its last batch padded"
             + (
                 f"; the {LAB_DAY['steps'] - steps} missing steps a batch added at the measured "
                 f"PGD time ({pgd_batch_s:.3f} s a batch for {steps} steps)"
@@ -618,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = device.type == "cuda"
     if args.batch < 2 or args.batch % 2:
         print(f"--batch must be even and >= 2 (rows come in sign pairs), got {args.batch}")
+        return 2
+    if args.lab_day_chunk_batches < 1:
+        print(f"--lab-day-chunk-batches must be >= 1, got {args.lab_day_chunk_batches}")
         return 2
     use_compile = cuda if args.compile is None else args.compile
     dtype = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"

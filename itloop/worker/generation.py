@@ -43,7 +43,7 @@ from itloop.server.sessions import transition
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows
 from itloop.stimulus.controls import gaussian_noise_control, interpolation_control
 from itloop.stimulus.images import load_image
-from itloop.stimulus.pipeline import PngWriter, attack_and_store
+from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
 from itloop.stimulus.quantisation import from_levels, to_levels
 from itloop.stimulus.rsvp import StimulusSlot, gap_in_presentations, plan_rsvp
 from itloop.stimulus.sources import ImageFolderSource
@@ -51,11 +51,11 @@ from itloop.worker import runtime
 from itloop.worker.modelstore import create_day0_version, load_model, site_order
 from itloop.worker.workflows import JobRun, job_workflow
 
-__all__ = ["SITES_PER_CHUNK", "generate", "resolve_device"]
+__all__ = ["generate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-SITES_PER_CHUNK = 8
+_LEGACY_SITES_PER_CHUNK = 8  # chunks of a plan recorded before chunks were ranges of pairs
 CONTROL_KINDS = {"noise": StimulusKind.noise, "interpolation": StimulusKind.interpolation}
 
 
@@ -142,17 +142,23 @@ def _prepare(session_id: int) -> dict[str, Any]:
                     "partner_path": str(partner.path),
                 }
             )
+        eps_l2 = [float(e) for e in protocol.eps_l2]
+        batch = attack_config(protocol.attack_steps, resolve_device(rt.settings.device)).batch_size
         db.commit()
         return {
             "session_id": session_id,
             "model_version_id": version.id,
-            "eps_l2": [float(e) for e in protocol.eps_l2],
+            "eps_l2": eps_l2,
             "controls": [c for c in protocol.controls if c in CONTROL_KINDS],
             "steps": protocol.attack_steps,
             "input_px": int(version.config["input_px"]),
             "source": _source_name(protocol.image_source),
             "sites": sites,
             "assignments": assignments,
+            # one durable step per range of assignments, each a whole number of batches
+            "chunks": day_chunks(
+                len(assignments), 2 * len(eps_l2), batch, rt.settings.generation_chunk_batches
+            ),
             "seed": _session_seed(session_id),
         }
 
@@ -197,15 +203,32 @@ def _engine(version_id: int, steps: int, device: torch.device, store: ContentSto
     return _ENGINE[0]
 
 
+def _chunk_count(plan: dict[str, Any]) -> int:
+    """Durable attack steps of a plan (see :func:`_chunk_work`)."""
+    if "chunks" not in plan:
+        return math.ceil(len(plan["sites"]) / _LEGACY_SITES_PER_CHUNK)
+    return len(plan["chunks"])
+
+
+def _chunk_work(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
+    """The assignments (image, site) of a chunk: a range of the plan's, or, in a plan recorded
+    before chunks were ranges, those of 8 sites."""
+    if "chunks" not in plan:
+        first = chunk * _LEGACY_SITES_PER_CHUNK
+        sites = set(plan["sites"][first : first + _LEGACY_SITES_PER_CHUNK])
+        return [a for a in plan["assignments"] if a["site_id"] in sites]
+    start, end = plan["chunks"][chunk]
+    return list(plan["assignments"][start:end])
+
+
 @DBOS.step(name="itloop.generate.attack")
 def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
-    """Stimuli of the chunk's sites: metadata per stimulus (the PNGs go to the store)."""
+    """Stimuli of the chunk's (image, site) pairs: metadata per stimulus (the PNGs go to the
+    store)."""
     rt = runtime.current()
     store = _store()
     device = resolve_device(rt.settings.device)
-    sites = plan["sites"][chunk * SITES_PER_CHUNK : (chunk + 1) * SITES_PER_CHUNK]
-    chunk_sites = set(sites)
-    work = [a for a in plan["assignments"] if a["site_id"] in chunk_sites]
+    work = _chunk_work(plan, chunk)
     if not work:
         return []
     px = plan["input_px"]
@@ -265,10 +288,10 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     for meta, position in controls:
         out.append({**meta, "sha256": sha[position]})
     log.info(
-        "session %s: stimuli of site chunk %d/%d made (%d stimuli)",
+        "session %s: stimuli of chunk %d/%d made (%d stimuli)",
         plan["session_id"],
         chunk + 1,
-        math.ceil(len(plan["sites"]) / SITES_PER_CHUNK),
+        _chunk_count(plan),
         len(out),
     )
     return out
@@ -413,7 +436,7 @@ def generate(job: JobRun, payload: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     try:
         plan = _prepare(session_id)
-        chunks = math.ceil(len(plan["sites"]) / SITES_PER_CHUNK)
+        chunks = _chunk_count(plan)
         stimuli: list[dict[str, Any]] = []
         for chunk in range(chunks):
             stimuli += _attack(plan, chunk)

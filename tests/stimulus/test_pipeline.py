@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -17,7 +18,7 @@ from itloop.stimulus import (
     sha256_hex,
     to_levels,
 )
-from itloop.stimulus.pipeline import PngWriter, attack_and_store
+from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
 
 from .toys import TinyConvNet
 
@@ -147,3 +148,41 @@ def test_stimuli_are_composed_from_their_clean_image_and_refused_when_counts_dif
     for sha, i, dk in zip(shas, index.tolist(), k, strict=True):
         expected = (clean.clamp(3, 250)[i].to(torch.int16) + dk).to(torch.uint8)
         assert torch.equal(decode_png(store.blobs[sha]), expected)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "rows_per_pair", "batch", "batches", "chunk_pairs"),
+    [
+        (8400, 12, 512, 8, 384),  # a lab day: 128 pairs fill 3 batches; chunks of 9 batches
+        (100, 12, 32, 8, 24),  # on a CPU: 8 pairs fill 3 batches of 32
+        (32, 2, 32, 1, 16),
+        (5000, 998, 512, 8, 4),  # whole batches need 256 pairs (499 batches): chunks of 8 batches
+        (3, 12, 512, 8, 3),  # fewer pairs than a chunk's
+    ],
+)
+def test_day_chunks_are_consecutive_and_whole_batches_but_the_last(
+    pairs: int, rows_per_pair: int, batch: int, batches: int, chunk_pairs: int
+) -> None:
+    chunks = day_chunks(pairs, rows_per_pair, batch, batches)
+    assert chunks[0] == (0, min(chunk_pairs, pairs))
+    assert [end for _, end in chunks[:-1]] == [start for start, _ in chunks[1:]]
+    assert chunks[-1][1] == pairs
+    assert all(0 < end - start <= chunk_pairs for start, end in chunks)
+    if math.lcm(rows_per_pair, batch) // rows_per_pair <= 2 * batches * batch / rows_per_pair:
+        assert all((end - start) * rows_per_pair % batch == 0 for start, end in chunks[:-1])
+
+
+def test_day_chunks_of_a_lab_day_pad_less_than_chunks_of_8_sites() -> None:
+    """200 sites × 42 images, 12 rows each, batches of 512: chunks of 8 sites (4,032 rows) padded
+    64 rows each, 1,600 in all; the ranges pad only the last chunk's batch (4,032 rows again)."""
+    padded = [-(end - start) * 12 % 512 for start, end in day_chunks(8400, 12, 512)]
+    assert padded == [0] * 21 + [64]
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [("pairs", -1), ("rows_per_pair", 0), ("batch", 0), ("batches", 0)]
+)
+def test_day_chunks_name_a_bad_argument(argument: str, value: int) -> None:
+    kwargs = {"pairs": 10, "rows_per_pair": 12, "batch": 512, "batches": 8, argument: value}
+    with pytest.raises(ValueError, match=f"{argument} must be >= .*got {value}"):
+        day_chunks(**kwargs)

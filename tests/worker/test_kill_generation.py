@@ -43,7 +43,7 @@ from .test_loop_e2e import PX, image_folder
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
-N_SITES = 16  # two chunks of sites: the kill lands between them
+N_SITES = 16  # 32 pairs of 2 rows, two chunks of one batch of 32: the kill lands between them
 
 
 def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -109,6 +109,7 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
         ITLOOP_MODEL_BACKBONE="tiny",
         ITLOOP_MODEL_INPUT_PX=str(PX),
         ITLOOP_DEVICE="cpu",
+        ITLOOP_GENERATION_CHUNK_BATCHES="1",
     )
     log = tmp_path / "worker.log"
     first = _worker(env, log)
@@ -119,7 +120,7 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
                 row = db.get(Job, job.id)
                 assert row is not None
                 progress = row.progress
-            if progress > 0:  # the first chunk of sites is done, the second is running
+            if progress > 0:  # the first chunk is done, the second is running
                 break
             assert first.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
@@ -174,6 +175,6 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
     output = log.read_text()
     assert output.count("launched") >= 2
     # the chunk finished before the kill is not made again; the interrupted one is
-    assert output.count(f"session {session_id}: stimuli of site chunk 1/2 made") == 1
-    assert output.count(f"session {session_id}: stimuli of site chunk 2/2 made") == 1
+    assert output.count(f"session {session_id}: stimuli of chunk 1/2 made") == 1
+    assert output.count(f"session {session_id}: stimuli of chunk 2/2 made") == 1
     engine.dispose()
