@@ -244,16 +244,20 @@ def pgd_step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`itloop.stimulus.attacks._pgd_step` in 2 + ``iterations`` Triton kernels.
 
-    x, delta: (B, C, H, W) fp32 contiguous; grad: the same shape, fp32 or bf16; val, sign, eps,
-    alpha, best_obj, best_val: (B,) fp32. ``best_delta`` is updated in place (the rows whose
-    ``sign · val`` beats ``best_obj`` take ``delta``) and returned. Returns (new δ, x + new δ, best
-    objective, best f, best δ).
+    x, delta: (B, C, H, W) fp32 contiguous; grad: the same shape, fp32 or bf16, in any layout (one
+    other than x's is copied into x's first); val, sign, eps, alpha, best_obj, best_val: (B,)
+    fp32. ``best_delta`` is updated in place (the rows whose ``sign · val`` beats ``best_obj``
+    take ``delta``) and returned. Returns (new δ, x + new δ, best objective, best f, best δ).
     """
     kernels = _KERNELS
     if kernels is None:
         raise RuntimeError(f"the fused step needs Triton: {_error}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if grad.shape == x.shape and not grad.is_contiguous():
+        # a model whose first layer is a plain channels_last convolution hands back its input
+        # gradient channels_last; the kernels read every operand in x's order
+        grad = grad.contiguous()
     for name, t in (("x", x), ("delta", delta), ("grad", grad), ("best_delta", best_delta)):
         if t.shape != x.shape or not t.is_contiguous() or t.device != x.device:
             raise ValueError(

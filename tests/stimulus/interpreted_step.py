@@ -56,8 +56,8 @@ def test_the_tiled_step_is_the_step(iterations: int, keep_best: bool) -> None:
 
 def test_bad_operands_are_named() -> None:
     case = step_case(4, (3, 8, 8))
-    with pytest.raises(ValueError, match="grad must be contiguous"):
-        fused_step.pgd_step(**{**case, "grad": case["grad"].transpose(2, 3)},
+    with pytest.raises(ValueError, match="delta must be contiguous"):
+        fused_step.pgd_step(**{**case, "delta": case["delta"].transpose(2, 3)},
                             iterations=1, keep_best=True)  # fmt: skip
     with pytest.raises(ValueError, match=r"delta must be one of .*float32.*, got torch.float64"):
         fused_step.pgd_step(**{**case, "delta": case["delta"].double()},
@@ -73,3 +73,15 @@ def test_a_bf16_gradient_is_read_as_its_fp32_values() -> None:
     want = attacks._pgd_step(**as_fp32, iterations=2, keep_best=True)
     got = fused_step.pgd_step(**{**case, "grad": grad}, iterations=2, keep_best=True)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-7)
+
+
+def test_a_channels_last_gradient_is_read_in_the_images_order() -> None:
+    """A plain channels_last first convolution hands back its input gradient channels_last."""
+    case = step_case(4, (3, 16, 40))
+    grad = case["grad"].contiguous(memory_format=torch.channels_last)
+    assert not grad.is_contiguous()
+    want = attacks._pgd_step(**{**case, "best_delta": case["best_delta"].clone()},
+                             iterations=2, keep_best=True)  # fmt: skip
+    got = fused_step.pgd_step(**{**case, "grad": grad}, iterations=2, keep_best=True)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-7)
+    torch.testing.assert_close(got[1], case["x"] + got[0], rtol=0, atol=0)

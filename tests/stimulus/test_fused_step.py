@@ -24,4 +24,4 @@ def test_the_tiled_step_is_the_compiled_step_under_the_interpreter() -> None:
            str(HERE / "interpreted_step.py")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "8 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "9 passed" in proc.stdout, proc.stdout[-2000:]
