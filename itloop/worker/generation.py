@@ -155,9 +155,10 @@ def _prepare(session_id: int) -> dict[str, Any]:
             "source": _source_name(protocol.image_source),
             "sites": sites,
             "assignments": assignments,
-            # one durable step per range of assignments, each a whole number of batches
+            # one durable step per range of assignments, each a whole number of batches of the
+            # assignments' rows (each ε, both signs)
             "chunks": day_chunks(
-                len(assignments), 2 * len(eps_l2), batch, rt.settings.generation_chunk_batches
+                len(assignments), len(eps_l2) * 2, batch, rt.settings.generation_chunk_batches
             ),
             "seed": _session_seed(session_id),
         }
