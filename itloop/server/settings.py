@@ -50,11 +50,12 @@ class Settings(BaseSettings):
     )
     model_input_px: int = Field(default=224, ge=16, le=1024)
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    generation_chunk_batches: int = Field(
-        default=8,
+    generation_chunk_rows: int = Field(
+        default=4096,
         ge=1,
-        description="a session's attacks are made in durable steps of about this many batches "
-        "of the attack engine; a worker restarted mid-generation makes at most one step again",
+        description="a session's attacks are made in durable steps of about this many rows (each "
+        "an image, site, ε and sign), whole batches of the attack engine; a worker restarted "
+        "mid-generation makes at most one step again",
     )
     worker_id: str | None = Field(
         default=None,

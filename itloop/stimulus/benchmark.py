@@ -37,7 +37,7 @@ from itloop.stimulus.attacks import (
 from itloop.stimulus.blocks import count_blocks
 from itloop.stimulus.images import write_png_bytes
 from itloop.stimulus.pipeline import (
-    CHUNK_BATCHES,
+    CHUNK_ROWS,
     PngWriter,
     attack_and_store,
     day_chunks,
@@ -173,10 +173,10 @@ def _parser() -> argparse.ArgumentParser:
         "which has 2 (default 3)",
     )
     p.add_argument(
-        "--lab-day-chunk-batches",
+        "--lab-day-chunk-rows",
         type=int,
-        default=CHUNK_BATCHES,
-        help="batches in each of the worker's generation chunks, about, for its lab-day figure "
+        default=CHUNK_ROWS,
+        help="rows in each of the worker's generation chunks, about, for its lab-day figure "
         "(default %(default)s, the worker's)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -495,12 +495,12 @@ def _extrapolate_day(
     long: dict[str, Any],
     batch: int,
     extra_per_batch_s: float,
-    chunk_batches: int,
+    chunk_rows: int,
 ) -> dict[str, float]:
     """A lab day's seconds from two slices (``wall_s`` over ``batches``): the steady-state time of
     a batch is their difference per batch, and what the short slice took beyond its batches comes
     once per run. ``one_run_s``: the day as one run; ``worker_s``: as the worker makes it, one run
-    per chunk of its (image, site) pairs (:func:`day_chunks` of about ``chunk_batches`` batches,
+    per chunk of its (image, site) pairs (:func:`day_chunks` of about ``chunk_rows`` rows,
     each run padding its last batch). ``extra_per_batch_s`` is added to every batch (the steps the
     slices did not run)."""
     per_batch_s = float(long["wall_s"] - short["wall_s"]) / max(
@@ -513,7 +513,7 @@ def _extrapolate_day(
         return once_s + batches * (per_batch_s + extra_per_batch_s)
 
     n_pairs = LAB_DAY["sites"] * LAB_DAY["images_per_site"]
-    chunks = day_chunks(n_pairs, _LAB_DAY_PAIR_ROWS, batch, chunk_batches)
+    chunks = day_chunks(n_pairs, _LAB_DAY_PAIR_ROWS, batch, chunk_rows)
     return {
         "per_batch_s": per_batch_s,
         "one_run_s": run_s(n_pairs),
@@ -548,7 +548,7 @@ def _lab_day(
     long = _lab_day_slice(engine, args, hw, device, gen, 2 + max(1, args.lab_day_batches))
     extra_per_batch_s = pgd_batch_s * (LAB_DAY["steps"] - steps) / max(steps, 1)
     day_rows = LAB_DAY["sites"] * _LAB_DAY_SITE_ROWS
-    day = _extrapolate_day(short, long, b, extra_per_batch_s, args.lab_day_chunk_batches)
+    day = _extrapolate_day(short, long, b, extra_per_batch_s, args.lab_day_chunk_rows)
     in_rows = (long["wall_s"] + long["batches"] * extra_per_batch_s) * day_rows / long["rows"]
     return {
         "protocol": LAB_DAY,
@@ -629,8 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch < 2 or args.batch % 2:
         print(f"--batch must be even and >= 2 (rows come in sign pairs), got {args.batch}")
         return 2
-    if args.lab_day_chunk_batches < 1:
-        print(f"--lab-day-chunk-batches must be >= 1, got {args.lab_day_chunk_batches}")
+    if args.lab_day_chunk_rows < 1:
+        print(f"--lab-day-chunk-rows must be >= 1, got {args.lab_day_chunk_rows}")
         return 2
     use_compile = cuda if args.compile is None else args.compile
     dtype = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"

@@ -35,7 +35,7 @@ from itloop.stimulus.quantisation import from_levels, perturbed_levels
 from itloop.stimulus.sharding import world
 
 __all__ = [
-    "CHUNK_BATCHES",
+    "CHUNK_ROWS",
     "KeptStimuli",
     "PngWriter",
     "attack_and_store",
@@ -47,31 +47,32 @@ Put = Callable[[bytes], str]
 """Stores PNG bytes and returns their content address (sha256), e.g. ``ContentStore.put``."""
 
 
-CHUNK_BATCHES = 8
-"""A chunk of a day's attacks (one durable step of the worker) is about this many batches."""
+CHUNK_ROWS = 4096
+"""A chunk of a day's attacks (one durable step of the worker) is about this many rows: 8 batches
+of 512 on a GPU, whatever the device's batch."""
 
 
 def day_chunks(
-    pairs: int, rows_per_pair: int, batch: int, batches: int = CHUNK_BATCHES
+    pairs: int, rows_per_pair: int, batch: int, rows: int = CHUNK_ROWS
 ) -> list[tuple[int, int]]:
-    """A day's (image, site) pairs cut into consecutive ranges [start, end) of about ``batches``
-    batches of ``batch`` rows each, every pair giving ``rows_per_pair`` rows (its ε × signs).
+    """A day's (image, site) pairs cut into consecutive ranges [start, end) of about ``rows`` rows,
+    every pair giving ``rows_per_pair`` rows (its ε × signs), run in batches of ``batch`` rows.
 
     Each run pads its last batch to ``batch`` rows, so a chunk is a whole number of batches where
     a whole number of pairs makes one: then only the day's last chunk pads. That is the case when
     the fewest pairs that fill whole batches (lcm(rows_per_pair, batch) / rows_per_pair) are at
-    most twice a chunk's; otherwise chunks take the pairs of ``batches`` batches, rounded.
+    most twice a chunk's; otherwise chunks take the pairs of ``rows`` rows, rounded.
     """
     for name, value, least in (
         ("pairs", pairs, 0),
         ("rows_per_pair", rows_per_pair, 1),
         ("batch", batch, 1),
-        ("batches", batches, 1),
+        ("rows", rows, 1),
     ):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     whole = math.lcm(rows_per_pair, batch) // rows_per_pair  # pairs that fill whole batches
-    target = batches * batch / rows_per_pair
+    target = rows / rows_per_pair
     size = whole * max(1, round(target / whole)) if whole <= 2 * target else max(1, round(target))
     return [(start, min(start + size, pairs)) for start in range(0, pairs, size)]
 

@@ -158,7 +158,7 @@ def _prepare(session_id: int) -> dict[str, Any]:
             # one durable step per range of assignments, each a whole number of batches of the
             # assignments' rows (each ε, both signs)
             "chunks": day_chunks(
-                len(assignments), len(eps_l2) * 2, batch, rt.settings.generation_chunk_batches
+                len(assignments), len(eps_l2) * 2, batch, rt.settings.generation_chunk_rows
             ),
             "seed": _session_seed(session_id),
         }

@@ -65,17 +65,17 @@ def test_profile_on_a_cpu_ranks_the_ops_and_names_their_callers(
 
 def test_lab_day_extrapolation_separates_the_once_only_time() -> None:
     """Slices of 2 and 5 batches taking 11 and 26 s: 5 s a batch, 1 s once per run. The day has
-    100,800 rows, 197 batches of 512 as one run; in the worker's chunks of about 8 batches it runs
+    100,800 rows, 197 batches of 512 as one run; in the worker's chunks of about 4,096 rows it runs
     21 chunks of 384 pairs (4,608 rows, 9 batches) and one of 336 (4,032 rows, 8 batches, the
     last padded), each with its once-only second."""
     short = {"wall_s": 11.0, "batches": 2}
     long = {"wall_s": 26.0, "batches": 5}
-    day = benchmark._extrapolate_day(short, long, 512, 0.0, 8)
+    day = benchmark._extrapolate_day(short, long, 512, 0.0, 4096)
     assert day["per_batch_s"] == pytest.approx(5.0)
     assert day["one_run_s"] == pytest.approx(1.0 + 197 * 5.0)
     assert day["worker_s"] == pytest.approx(21 * (1.0 + 9 * 5.0) + (1.0 + 8 * 5.0))
     assert (day["worker_chunks"], day["worker_chunk_rows"]) == (22, 4608)
-    more_steps = benchmark._extrapolate_day(short, long, 512, 2.0, 200)
+    more_steps = benchmark._extrapolate_day(short, long, 512, 2.0, 200 * 512)
     assert more_steps["one_run_s"] == pytest.approx(1.0 + 197 * 7.0)
     assert more_steps["worker_s"] == pytest.approx(more_steps["one_run_s"])
 
@@ -83,8 +83,8 @@ def test_lab_day_extrapolation_separates_the_once_only_time() -> None:
 def test_lab_day_chunks_are_the_workers() -> None:
     from itloop.server.settings import Settings
 
-    worker = Settings.model_fields["generation_chunk_batches"].default
-    assert benchmark._parser().parse_args([]).lab_day_chunk_batches == worker
+    worker = Settings.model_fields["generation_chunk_rows"].default
+    assert benchmark._parser().parse_args([]).lab_day_chunk_rows == worker
 
 
 def test_peak_table_matches_device_names() -> None:
@@ -97,8 +97,8 @@ def test_peak_table_matches_device_names() -> None:
 def test_bad_batch_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert benchmark.main(["--quick", "--batch", "7"]) == 2
     assert "--batch" in capsys.readouterr().out
-    assert benchmark.main(["--quick", "--lab-day-chunk-batches", "0"]) == 2
-    assert "--lab-day-chunk-batches must be >= 1, got 0" in capsys.readouterr().out
+    assert benchmark.main(["--quick", "--lab-day-chunk-rows", "0"]) == 2
+    assert "--lab-day-chunk-rows must be >= 1, got 0" in capsys.readouterr().out
 
 
 def test_each_profiled_kernel_names_the_op_that_launched_most_of_its_time() -> None:

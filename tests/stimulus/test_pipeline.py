@@ -150,19 +150,19 @@ def test_stimuli_are_composed_from_their_clean_image_and_refused_when_counts_dif
 
 
 @pytest.mark.parametrize(
-    ("pairs", "rows_per_pair", "batch", "batches", "chunk_pairs", "whole_batches"),
+    ("pairs", "rows_per_pair", "batch", "rows", "chunk_pairs", "whole_batches"),
     [
-        (8400, 12, 512, 8, 384, True),  # a lab day: 128 pairs fill 3 batches; chunks of 9
-        (100, 12, 32, 8, 24, True),  # on a CPU: 8 pairs fill 3 batches of 32
-        (32, 2, 32, 1, 16, True),
-        (5000, 998, 512, 8, 4, False),  # whole batches need 256 pairs (499 batches): 8 batches
-        (3, 12, 512, 8, 3, True),  # fewer pairs than a chunk's: one chunk
+        (8400, 12, 512, 4096, 384, True),  # a lab day: 128 pairs fill 3 batches; chunks of 9
+        (1000, 12, 32, 4096, 344, True),  # on a CPU: 8 pairs fill 3 batches of 32
+        (32, 2, 32, 32, 16, True),
+        (5000, 998, 512, 4096, 4, False),  # whole batches need 256 pairs (499 batches)
+        (3, 12, 512, 4096, 3, True),  # fewer pairs than a chunk's: one chunk
     ],
 )
 def test_day_chunks_are_consecutive_and_whole_batches_but_the_last(
-    pairs: int, rows_per_pair: int, batch: int, batches: int, chunk_pairs: int, whole_batches: bool
+    pairs: int, rows_per_pair: int, batch: int, rows: int, chunk_pairs: int, whole_batches: bool
 ) -> None:
-    chunks = day_chunks(pairs, rows_per_pair, batch, batches)
+    chunks = day_chunks(pairs, rows_per_pair, batch, rows)
     assert chunks[0] == (0, min(chunk_pairs, pairs))
     assert [end for _, end in chunks[:-1]] == [start for start, _ in chunks[1:]]
     assert chunks[-1][1] == pairs
@@ -179,9 +179,9 @@ def test_day_chunks_of_a_lab_day_pad_less_than_chunks_of_8_sites() -> None:
 
 
 @pytest.mark.parametrize(
-    ("argument", "value"), [("pairs", -1), ("rows_per_pair", 0), ("batch", 0), ("batches", 0)]
+    ("argument", "value"), [("pairs", -1), ("rows_per_pair", 0), ("batch", 0), ("rows", 0)]
 )
 def test_day_chunks_name_a_bad_argument(argument: str, value: int) -> None:
-    kwargs = {"pairs": 10, "rows_per_pair": 12, "batch": 512, "batches": 8, argument: value}
+    kwargs = {"pairs": 10, "rows_per_pair": 12, "batch": 512, "rows": 4096, argument: value}
     with pytest.raises(ValueError, match=f"{argument} must be >= .*got {value}"):
         day_chunks(**kwargs)

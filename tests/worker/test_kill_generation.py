@@ -109,7 +109,7 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
         ITLOOP_MODEL_BACKBONE="tiny",
         ITLOOP_MODEL_INPUT_PX=str(PX),
         ITLOOP_DEVICE="cpu",
-        ITLOOP_GENERATION_CHUNK_BATCHES="1",
+        ITLOOP_GENERATION_CHUNK_ROWS="32",
     )
     log = tmp_path / "worker.log"
     first = _worker(env, log)
