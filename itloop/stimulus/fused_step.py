@@ -258,18 +258,17 @@ def pgd_step(
         # a model whose first layer is a plain channels_last convolution hands back its input
         # gradient channels_last; the kernels read every operand in x's order
         grad = grad.contiguous()
-    for name, t in (("x", x), ("delta", delta), ("grad", grad), ("best_delta", best_delta)):
-        if t.shape != x.shape or not t.is_contiguous() or t.device != x.device:
-            raise ValueError(
-                f"{name} must be contiguous on {x.device} with shape {tuple(x.shape)}, got "
-                f"{tuple(t.shape)} on {t.device}"
-            )
     for name, t, dtypes in (
         ("x", x, (torch.float32,)),
         ("delta", delta, (torch.float32,)),
         ("grad", grad, (torch.float32, torch.bfloat16)),
         ("best_delta", best_delta, (torch.float32,)),
     ):
+        if t.shape != x.shape or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(
+                f"{name} must be contiguous on {x.device} with shape {tuple(x.shape)}, got "
+                f"{tuple(t.shape)} on {t.device}"
+            )
         if t.dtype not in dtypes:
             raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
     rows = x.shape[0]
