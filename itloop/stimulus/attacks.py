@@ -279,6 +279,10 @@ class AttackConfig:
     triton_step: with compile, on CUDA where Triton imports, the projected step runs as Triton
     kernels that cut each row over many programs (:mod:`itloop.stimulus.fused_step`) instead of
     inductor's kernel with one program per row; the same arithmetic.
+    gradient_dtype: the dtype the loop's input gradient comes back in (None: the input's, fp32).
+    bf16 halves the bytes of the backward's last write and of each pass of the step that reads the
+    gradient; the gradient only sets the step's direction (its norm and the projection's sums are
+    computed in fp32 from the rounded values), and δ, the image and x + δ stay fp32.
     """
 
     steps: int = 100
@@ -301,6 +305,7 @@ class AttackConfig:
     matmul_1x1: str = "none"
     gemm_templates: bool = False
     triton_step: bool = False
+    gradient_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
@@ -316,6 +321,8 @@ class AttackConfig:
             raise ValueError(f"matmul_1x1 must be one of {MATMUL_1X1}, got {self.matmul_1x1!r}")
         if not self.step_ratio > 0:
             raise ValueError(f"step_ratio must be > 0, got {self.step_ratio}")
+        if self.gradient_dtype is not None and not self.gradient_dtype.is_floating_point:
+            raise ValueError(f"gradient_dtype must be a float dtype, got {self.gradient_dtype}")
 
 
 MATMUL_1X1 = ("none", "dgrad", "all")
@@ -331,6 +338,31 @@ GEMM_TEMPLATE_OPTIONS: dict[str, str | bool] = {
 pointwise epilogues, autotuned over inductor's default configurations."""
 
 GradFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class GradientProbe(nn.Module):
+    """The loop's model, evaluated at ``z + probe`` so that the input gradient can be taken with
+    respect to ``probe``, whose dtype it then has.
+
+    Autograd hands a tensor's gradient back in that tensor's dtype, so the gradient of the fp32
+    input is fp32 however narrow the backward was. ``probe`` is a zero of another dtype, broadcast
+    to the input's shape (:meth:`probe`): adding it changes no value (fp32 + 0), a compiled forward
+    reads one scalar for it, and a compiled backward writes the gradient in the probe's dtype in
+    the kernel that produces it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: Tensor, probe: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) input (and a probe of its shape) -> the model's output at z + probe."""
+        return self.model(z if probe is None else z + probe)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def probe(z: Tensor, dtype: torch.dtype) -> Tensor:
+        """A zero of ``dtype`` on z's device, broadcast to z's shape, whose gradient is taken."""
+        return torch.zeros((), dtype=dtype, device=z.device).expand(z.shape).requires_grad_(True)
 
 
 @dataclass
@@ -392,6 +424,8 @@ class AttackEngine:
         if cfg.channels_last:
             fast = fast.to(memory_format=torch.channels_last)
         eager = fast
+        if cfg.gradient_dtype is not None:
+            fast = GradientProbe(fast)
         step: Callable[..., tuple[Tensor, ...]] = _pgd_step
         if cfg.compile:
             if cfg.gemm_templates:
@@ -416,8 +450,9 @@ class AttackEngine:
         if self._eager is not None:
             set_stem_references(self._eager, images, index)
 
-    def _site_outputs(self, z: Tensor, site: Tensor) -> Tensor:
-        """(B, C, H, W) fp32 inputs -> (B,) f_site from the fast model under the loop's autocast."""
+    def _site_outputs(self, z: Tensor, site: Tensor, probe: Tensor | None = None) -> Tensor:
+        """(B, C, H, W) fp32 inputs -> (B,) f_site from the fast model under the loop's autocast
+        (``probe``: the :class:`GradientProbe` to differentiate by)."""
         if self._fast is None:
             raise RuntimeError("prepare() first")
         dtype = self.config.autocast_dtype
@@ -427,14 +462,20 @@ class AttackEngine:
             else contextlib.nullcontext()
         )
         with ctx:
-            out: Tensor = self._fast(z)
+            out: Tensor = self._fast(z) if probe is None else self._fast(z, probe)
         return out.float().gather(1, site.unsqueeze(1)).squeeze(1)
 
     def _grad(self, z: Tensor, site: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model."""
-        z = z.detach().requires_grad_(True)
-        sel = self._site_outputs(z, site)
-        (grad,) = torch.autograd.grad((sign * sel).sum(), z)
+        """(B, C, H, W) fp32 inputs -> (d/dz of Σ sign·f_site, (B,) f_site) from the fast model;
+        the gradient in the config's gradient_dtype (see :class:`GradientProbe`)."""
+        dtype = self.config.gradient_dtype
+        if dtype is None or dtype == z.dtype:
+            z = z.detach().requires_grad_(True)
+            wrt, sel = z, self._site_outputs(z, site)
+        else:
+            wrt = GradientProbe.probe(z, dtype)
+            sel = self._site_outputs(z.detach(), site, probe=wrt)
+        (grad,) = torch.autograd.grad((sign * sel).sum(), wrt)
         return grad, sel.detach()
 
     def _score(self, z: Tensor, site: Tensor) -> Tensor:
@@ -575,7 +616,7 @@ class AttackEngine:
             with record_function("itloop.run.rounded_gradient"):
                 k0 = torch.round(delta * LEVELS)
                 z0 = (x + k0 / LEVELS).clamp(0.0, 1.0)
-                grad = self._grad_padded(z0, site, sign)
+                grad = self._grad_padded(z0, site, sign).float()
         with record_function("itloop.run.quantise"):
             k = quantise_perturbation(lv, delta, grad, r.eps_l2[:n].to(device))
         x_adv = from_levels((lv.to(torch.int16) + k).to(torch.uint8))
@@ -739,6 +780,7 @@ def _pgd_step(
         best_obj, best_val, best_delta = _keep_better(
             delta, val, sign, best_obj, best_val, best_delta
         )
+    grad = grad.float()  # a bf16 gradient (AttackConfig.gradient_dtype): fp32 sums and step
     new = project_l2_box_step(x, delta, grad, alpha, eps, iterations=iterations)
     return new, x + new, best_obj, best_val, best_delta
 

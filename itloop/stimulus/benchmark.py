@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
         "or inductor's kernel with one program per row (default: %(default)s)",
     )
     p.add_argument(
+        "--gradient-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32" if AttackConfig.gradient_dtype is None else "bf16",
+        help="dtype the loop's input gradient comes back in (default %(default)s)",
+    )
+    p.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -667,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
         triton_step=args.triton_step,
+        gradient_dtype=torch.bfloat16 if args.gradient_dtype == "bf16" else None,
     )
     engine = AttackEngine(model, config)
     x = images[rows.image_index.to(device)].contiguous()
@@ -738,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else "eager torch"
         ),
         "keep_best": config.keep_best,
+        "gradient_dtype": args.gradient_dtype,
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }

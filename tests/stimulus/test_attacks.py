@@ -665,3 +665,54 @@ def test_the_compiled_stem_that_pools_in_blocks_is_the_compiled_stem_and_pool() 
         y = plain.ref_output[plain.ref_index] + plain.perturbation_term(zf).float()
     (fp32_sum,) = torch.autograd.grad((F.max_pool2d(y, 3, 2, 1) * w).sum(), zf)
     assert float((got - fp32_sum).norm() / fp32_sum.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_a_bf16_gradient_is_the_fp32_gradient_rounded(autocast: torch.dtype | None) -> None:
+    """With gradient_dtype bf16 the loop differentiates by a zero probe of that dtype: the model
+    sees the same fp32 input, and the gradient is the fp32 one rounded once, in its layout."""
+    from itloop.models import ITModel
+
+    model = ITModel.build("resnet18", 3, input_hw=(32, 32), seed=0)
+    z = on_grid(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    site, sign = torch.tensor([0, 1, 2, 0]), torch.tensor([1.0, -1.0, 1.0, -1.0])
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        config = AttackConfig(steps=1, batch_size=4, autocast_dtype=autocast, gradient_dtype=dtype)
+        engine = AttackEngine(model, config)
+        engine.prepare(z)
+        engine._set_reference(z)
+        grads[dtype] = engine._grad(z, site, sign)
+    (g32, v32), (g16, v16) = grads[None], grads[torch.bfloat16]
+    assert g32.dtype == torch.float32
+    assert g16.dtype == torch.bfloat16
+    assert g16.shape == z.shape
+    assert g16.stride() == g32.stride()
+    assert torch.equal(v16, v32)  # the probe changes no input value
+    assert float(g32.abs().max()) > 0
+    assert torch.equal(g16, g32.to(torch.bfloat16))
+
+
+def test_pgd_with_a_bf16_gradient_reaches_the_box_constrained_optimum() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, *SHAPE, generator=g)
+    x = on_grid(torch.rand(3, *SHAPE, generator=g))
+    x[0, :, :4] = 1.0
+    x[1, :, 4:] = 0.0
+    eps = torch.tensor([0.5, 1.0, 3.0])
+    config = AttackConfig(**{**FP32.__dict__, "steps": 100, "gradient_dtype": torch.bfloat16})
+    delta = _pgd(AttackEngine(LinearSites(w), config), x, torch.zeros(3, dtype=torch.int64),
+                 torch.ones(3), eps)  # fmt: skip
+    norms = delta.flatten(1).norm(dim=1)
+    assert bool((norms <= eps * (1 + 1e-5)).all())
+    assert float((x + delta).min()) >= 0.0
+    assert float((x + delta).max()) <= 1.0
+    got = (delta * w).flatten(1).sum(dim=1).double()
+    for i in range(3):
+        best = _box_optimum(x[i].double().numpy(), w[0].double().numpy(), float(eps[i]))
+        assert best * (1 - 2e-3) <= float(got[i]) <= best * (1 + 1e-5)
+
+
+def test_config_refuses_a_gradient_dtype_that_is_not_a_float() -> None:
+    with pytest.raises(ValueError, match=r"gradient_dtype must be a float dtype, got torch.int16"):
+        AttackConfig(gradient_dtype=torch.int16)

@@ -42,6 +42,18 @@ def test_quick_benchmark_prints_valid_json_with_both_attacks(
     assert printed["flop_per_image_step"]["counted"] > 0
 
 
+def test_a_bf16_gradient_run_reports_its_dtype_and_keeps_the_budget(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--quick", "--gradient-dtype", "bf16", "--no-torchattacks", "--no-lab-day"]
+    assert benchmark.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ours"]["config"]["gradient_dtype"] == "bf16"
+    assert printed["ours"]["image_steps_per_s"] > 0
+    assert printed["quality"]["ours_continuous"] > 0
+    assert printed["quality"]["ours_quantised_realised_eps_over_requested_max"] <= 1.0
+
+
 def test_profile_on_a_cpu_ranks_the_ops_and_names_their_callers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

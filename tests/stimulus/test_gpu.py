@@ -335,3 +335,36 @@ def test_cuda_compiled_engine_steps_with_triton_and_attacks_as_before() -> None:
         assert bool((result.realised_eps_l2 <= result.eps_l2).all())
         results.append(float((result.sign.float() * result.predicted_change).mean()))
     assert results[0] == pytest.approx(results[1], rel=1e-3)
+
+
+def test_cuda_compiled_bf16_gradient_comes_out_in_the_images_layout() -> None:
+    """The compiled backward writes the bf16 gradient itself, NCHW like the images (the Triton
+    step then copies nothing), and it is the fp32 gradient to bf16's precision; an attack with it
+    keeps the budget and reaches the same predicted change."""
+    from itloop.models import ITModel
+
+    model = ITModel.build("resnet18", 4, input_hw=(64, 64), seed=0).cuda()
+    g = torch.Generator().manual_seed(0)
+    images = on_grid(torch.rand(6, 3, 64, 64, generator=g)).cuda()
+    rows = AttackRows.grid([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0.5, 2.0])
+    z = images[rows.image_index[:8].cuda()].contiguous()
+    site, sign = rows.site_index[:8].cuda(), rows.sign[:8].float().cuda()
+    grads, changes = {}, {}
+    for dtype in (None, torch.bfloat16):
+        config = AttackConfig(
+            steps=20, batch_size=8, compile=True, triton_step=True, gradient_dtype=dtype
+        )
+        engine = AttackEngine(model, config)
+        engine.prepare(z)
+        engine._set_reference(z)
+        grads[dtype] = engine._grad(z, site, sign)[0]
+        result = engine.run(images, rows, generator=torch.Generator().manual_seed(1))
+        assert bool((result.realised_eps_l2 <= result.eps_l2).all())
+        changes[dtype] = float((result.sign.float() * result.predicted_change).mean())
+    g32, g16 = grads[None], grads[torch.bfloat16]
+    assert g16.dtype == torch.bfloat16
+    assert g16.is_contiguous()
+    assert g32.is_contiguous()
+    scale = float(g32.abs().max())
+    torch.testing.assert_close(g16.float(), g32, rtol=2e-2, atol=2e-2 * scale)
+    assert changes[torch.bfloat16] == pytest.approx(changes[None], rel=2e-2)
