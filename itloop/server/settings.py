@@ -13,6 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_SECRET_KEY = "itloop-dev-secret-key-change-me"
 
 
+RETIRED_VARIABLES = {
+    "ITLOOP_GENERATION_CHUNK_BATCHES": "ITLOOP_GENERATION_CHUNK_ROWS (rows, about 512 a batch)",
+}
+"""Variables earlier versions read, each with what replaced it: a deployment that still sets one
+is refused rather than silently run without it."""
+
+
 class UnsafeSettingsError(ValueError):
     """A setting would make the server unsafe to run; the message names it and the fix."""
 
@@ -79,6 +86,13 @@ class Settings(BaseSettings):
                 f"database_url {value!r}: only sqlite:// and postgresql:// are supported"
             )
         return value
+
+    @model_validator(mode="after")
+    def _refuse_retired(self) -> Settings:
+        for old, new in RETIRED_VARIABLES.items():
+            if old in os.environ:
+                raise ValueError(f"{old}={os.environ[old]!r} is no longer read; use {new}")
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

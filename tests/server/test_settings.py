@@ -61,3 +61,17 @@ def test_unknown_database_and_unknown_settings_are_refused(tmp_path: Path) -> No
         Settings(database_url="mysql://x", data_dir=tmp_path)
     with pytest.raises(ValidationError, match="databse_url"):
         Settings(databse_url="sqlite://", data_dir=tmp_path)  # type: ignore[call-arg]
+
+
+def test_a_retired_variable_is_refused_naming_its_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ITLOOP_GENERATION_CHUNK_BATCHES", "8")
+    with pytest.raises(
+        ValidationError,
+        match=r"ITLOOP_GENERATION_CHUNK_BATCHES='8' is no longer read; use "
+        r"ITLOOP_GENERATION_CHUNK_ROWS",
+    ):
+        Settings(data_dir=tmp_path / "d")
+    monkeypatch.delenv("ITLOOP_GENERATION_CHUNK_BATCHES")
+    assert Settings(data_dir=tmp_path / "d").generation_chunk_rows == 4096
