@@ -89,9 +89,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_retired(self) -> Settings:
-        for old, new in RETIRED_VARIABLES.items():
-            if old in os.environ:
-                raise ValueError(f"{old}={os.environ[old]!r} is no longer read; use {new}")
+        for name, value in os.environ.items():  # matched as pydantic-settings does: any case
+            if name.upper() in RETIRED_VARIABLES:
+                raise ValueError(
+                    f"{name}={value!r} is no longer read; use {RETIRED_VARIABLES[name.upper()]}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -74,4 +74,8 @@ def test_a_retired_variable_is_refused_naming_its_replacement(
     ):
         Settings(data_dir=tmp_path / "d")
     monkeypatch.delenv("ITLOOP_GENERATION_CHUNK_BATCHES")
+    monkeypatch.setenv("itloop_generation_chunk_batches", "8")
+    with pytest.raises(ValidationError, match="itloop_generation_chunk_batches='8'"):
+        Settings(data_dir=tmp_path / "d")
+    monkeypatch.delenv("itloop_generation_chunk_batches")
     assert Settings(data_dir=tmp_path / "d").generation_chunk_rows == 4096
