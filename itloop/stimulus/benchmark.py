@@ -146,15 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--triton-step",
         action=argparse.BooleanOptionalAction,
-        default=AttackConfig.triton_step,
+        default=None,
         help="with compile on CUDA, the projected step as Triton kernels over tiles of each row, "
-        "or inductor's kernel with one program per row (default: %(default)s)",
+        "or inductor's kernel with one program per row (default: on with cuda)",
     )
     p.add_argument(
         "--gradient-dtype",
         choices=["fp32", "bf16"],
-        default="fp32" if AttackConfig.gradient_dtype is None else "bf16",
-        help="dtype the loop's input gradient comes back in (default %(default)s)",
+        default=None,
+        help="dtype the loop's input gradient comes back in (default: bf16 on cuda, else fp32)",
     )
     p.add_argument(
         "--profile",
@@ -640,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     use_compile = cuda if args.compile is None else args.compile
     dtype = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
+    triton_step = cuda if args.triton_step is None else args.triton_step
+    bf16_gradient = (args.gradient_dtype or ("bf16" if cuda else "fp32")) == "bf16"
     hw = (int(args.input_hw[0]), int(args.input_hw[1]))
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -672,8 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         matmul_1x1=args.matmul_1x1,
         gemm_templates=args.gemm_templates,
         projection_iterations=args.projection_iterations,
-        triton_step=args.triton_step,
-        gradient_dtype=torch.bfloat16 if args.gradient_dtype == "bf16" else None,
+        triton_step=triton_step,
+        gradient_dtype=torch.bfloat16 if bf16_gradient else None,
     )
     engine = AttackEngine(model, config)
     x = images[rows.image_index.to(device)].contiguous()
@@ -745,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else "eager torch"
         ),
         "keep_best": config.keep_best,
-        "gradient_dtype": args.gradient_dtype,
+        "gradient_dtype": "bf16" if bf16_gradient else "fp32",
         "prepare_s": round(prep_s, 2),
         "compile_and_warmup_s": round(warm_s, 2),
     }

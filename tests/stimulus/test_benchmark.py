@@ -40,6 +40,9 @@ def test_quick_benchmark_prints_valid_json_with_both_attacks(
     assert day["worker_chunks"] == -(-day["rows"] // day["worker_chunk_rows"])
     assert day["worker_estimate_min"] > 0
     assert printed["flop_per_image_step"]["counted"] > 0
+    config = printed["ours"]["config"]  # a CPU's defaults: the fp32 gradient, torch's step
+    assert config["gradient_dtype"] == "fp32"
+    assert config["step"] == "eager torch"
 
 
 def test_a_bf16_gradient_run_reports_its_dtype_and_keeps_the_budget(

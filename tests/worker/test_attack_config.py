@@ -1,0 +1,28 @@
+"""The worker's attack settings per device: the measured fast path on CUDA, plain fp32 on a CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from itloop.worker.generation import attack_config
+
+
+def test_cuda_takes_the_tiled_step_and_the_bf16_gradient() -> None:
+    config = attack_config(100, torch.device("cuda"))
+    assert config.steps == 100
+    assert config.batch_size == 512
+    assert config.compile
+    assert config.channels_last
+    assert config.autocast_dtype == torch.bfloat16
+    assert config.triton_step
+    assert config.gradient_dtype == torch.bfloat16
+
+
+def test_a_cpu_keeps_fp32_throughout() -> None:
+    config = attack_config(7, torch.device("cpu"))
+    assert config.steps == 7
+    assert config.batch_size == 32
+    assert not config.compile
+    assert config.autocast_dtype is None
+    assert not config.triton_step
+    assert config.gradient_dtype is None
