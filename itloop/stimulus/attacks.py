@@ -307,6 +307,23 @@ class AttackConfig:
     triton_step: bool = False
     gradient_dtype: torch.dtype | None = None
 
+    @classmethod
+    def for_device(cls, device: torch.device, steps: int = 100) -> AttackConfig:
+        """The loop's settings on ``device``, as the worker runs them and the benchmark measures
+        them: on CUDA the measured fast path (bf16 body with the split first layer, channels_last,
+        fused convolutions, compiled, the projected step as Triton kernels over tiles of each row,
+        the input gradient in bf16, batch 512); elsewhere fp32 and eager, batch 32."""
+        cuda = device.type == "cuda"
+        return cls(
+            steps=steps,
+            batch_size=512 if cuda else 32,
+            autocast_dtype=torch.bfloat16 if cuda else None,
+            channels_last=cuda,
+            compile=cuda,
+            triton_step=cuda,
+            gradient_dtype=torch.bfloat16 if cuda else None,
+        )
+
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.projection_iterations < 1:
             raise ValueError(

@@ -638,10 +638,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lab_day_chunk_rows < 1:
         print(f"--lab-day-chunk-rows must be >= 1, got {args.lab_day_chunk_rows}")
         return 2
-    use_compile = cuda if args.compile is None else args.compile
-    dtype = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
-    triton_step = cuda if args.triton_step is None else args.triton_step
-    bf16_gradient = (args.gradient_dtype or ("bf16" if cuda else "fp32")) == "bf16"
+    fast = AttackConfig.for_device(device)  # what the worker runs on this device
+    use_compile = fast.compile if args.compile is None else args.compile
+    dtype = fast.autocast_dtype is not None if args.dtype is None else args.dtype == "bf16"
+    triton_step = fast.triton_step if args.triton_step is None else args.triton_step
+    grad = args.gradient_dtype
+    bf16_gradient = fast.gradient_dtype is not None if grad is None else grad == "bf16"
     hw = (int(args.input_hw[0]), int(args.input_hw[1]))
     if cuda:
         torch.backends.cudnn.benchmark = True

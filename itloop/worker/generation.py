@@ -143,7 +143,7 @@ def _prepare(session_id: int) -> dict[str, Any]:
                 }
             )
         eps_l2 = [float(e) for e in protocol.eps_l2]
-        batch = attack_config(protocol.attack_steps, resolve_device(rt.settings.device)).batch_size
+        batch = AttackConfig.for_device(resolve_device(rt.settings.device)).batch_size
         db.commit()
         return {
             "session_id": session_id,
@@ -175,22 +175,6 @@ def _source_name(image_source: str) -> str:
 _ENGINE: list[AttackEngine] = []  # the last engine built in this process
 
 
-def attack_config(steps: int, device: torch.device) -> AttackConfig:
-    """The attack loop's settings on ``device``: on CUDA the measured fast path (bf16 body with the
-    split first layer, channels_last, fused convolutions, compiled, the projected step as Triton
-    kernels over tiles of each row, the input gradient in bf16, batch 512)."""
-    cuda = device.type == "cuda"
-    return AttackConfig(
-        steps=steps,
-        batch_size=512 if cuda else 32,
-        autocast_dtype=torch.bfloat16 if cuda else None,
-        channels_last=cuda,
-        compile=cuda,
-        triton_step=cuda,
-        gradient_dtype=torch.bfloat16 if cuda else None,
-    )
-
-
 def _engine(version_id: int, steps: int, device: torch.device, store: ContentStore) -> AttackEngine:
     """The attack engine of a model version, reused while the model and settings stay the same, so
     that the compiled loop is built once for all chunks of a day, not once per chunk."""
@@ -199,7 +183,7 @@ def _engine(version_id: int, steps: int, device: torch.device, store: ContentSto
         if version is None:
             raise ValueError(f"model version {version_id} vanished")
         model = load_model(store, version, device)  # the same object while the weights are
-    config = attack_config(steps, device)
+    config = AttackConfig.for_device(device, steps)
     if not (_ENGINE and _ENGINE[0].model is model and _ENGINE[0].config == config):
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: the padded batch of 512

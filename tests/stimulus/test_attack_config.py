@@ -1,14 +1,15 @@
-"""The worker's attack settings per device: the measured fast path on CUDA, plain fp32 on a CPU."""
+"""The loop's settings per device (the worker's and the benchmark's): the measured fast path on
+CUDA, plain fp32 on a CPU."""
 
 from __future__ import annotations
 
 import torch
 
-from itloop.worker.generation import attack_config
+from itloop.stimulus.attacks import AttackConfig
 
 
 def test_cuda_takes_the_tiled_step_and_the_bf16_gradient() -> None:
-    config = attack_config(100, torch.device("cuda"))
+    config = AttackConfig.for_device(torch.device("cuda"), 100)
     assert config.steps == 100
     assert config.batch_size == 512
     assert config.compile
@@ -19,7 +20,7 @@ def test_cuda_takes_the_tiled_step_and_the_bf16_gradient() -> None:
 
 
 def test_a_cpu_keeps_fp32_throughout() -> None:
-    config = attack_config(7, torch.device("cpu"))
+    config = AttackConfig.for_device(torch.device("cpu"), 7)
     assert config.steps == 7
     assert config.batch_size == 32
     assert not config.compile
