@@ -382,13 +382,27 @@ def token_revoke(token_id: int) -> None:
 
 
 @bench_app.command(
-    "attack", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    "attack",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # --help goes to the benchmark's own parser, which lists its options
 )
 def bench_attack(ctx: typer.Context) -> None:
-    """Attack-engine throughput vs torchattacks in the same run (pass --help for options)."""
+    """Attack-engine throughput vs torchattacks in the same run (--help lists the options)."""
     from itloop.stimulus.benchmark import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@bench_app.command(
+    "shards",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # --help goes to the benchmark's own parser, which lists its options
+)
+def bench_shards(ctx: typer.Context) -> None:
+    """One attack job sharded over every GPU of the host against one GPU, in the same run."""
+    from itloop.stimulus.shard_benchmark import main as shards_main
+
+    raise typer.Exit(shards_main(list(ctx.args)))
 
 
 @bench_app.command("upload")

@@ -51,7 +51,7 @@ from itloop.stimulus.quantisation import (
     to_levels,
 )
 from itloop.stimulus.randomness import normal_and_uniform, row_keys
-from itloop.stimulus.sharding import gather_to_first, shard_bounds, world
+from itloop.stimulus.sharding import Group, gather_tensors_to_first, shard_bounds, world
 
 __all__ = [
     "GEMM_TEMPLATE_OPTIONS",
@@ -524,22 +524,41 @@ class AttackEngine:
                 outs.append(out)
         return torch.cat(outs)
 
-    def run(self, images: Tensor, rows: AttackRows, *, generator: torch.Generator) -> AttackResult:
-        """Attack every row; under torch.distributed each rank takes a contiguous shard.
+    def run(
+        self,
+        images: Tensor,
+        rows: AttackRows,
+        *,
+        generator: torch.Generator,
+        group: Group = None,
+    ) -> AttackResult:
+        """Attack every row; under torch.distributed each rank of ``group`` (None: the default
+        group) takes a contiguous shard.
 
         images: (M, C, H, W) float clean images in [0, 1] (quantised to 8 bits first: the clean
         stimulus is the 8-bit image); rows index into them. generator: seeds the job (one draw), so
-        a run is reproducible and independent of batching and sharding. Returns all rows (rank 0) or
-        this rank's shard (other ranks), each row with its ``row_index``.
+        a run is reproducible and independent of batching and sharding. Returns all rows (the
+        group's first rank) or this rank's shard (other ranks), each row with its ``row_index``.
+        The shards reach the first rank as tensors (:func:`gather_tensors_to_first`), not pickled.
         """
         mine = AttackResult.concat(
-            list(self.run_batches(images, rows, generator=generator)) or [self._empty(images)]
+            list(self.run_batches(images, rows, generator=generator, group=group))
+            or [self._empty(images)]
         )
-        gathered = gather_to_first(mine)
-        return mine if gathered is None else AttackResult.concat(gathered)
+        gathered = gather_tensors_to_first(
+            {k: getattr(mine, k) for k in _RESULT_FIELDS}, group=group
+        )
+        if gathered is None:
+            return mine
+        return AttackResult.concat([AttackResult(**part) for part in gathered])
 
     def run_batches(
-        self, images: Tensor, rows: AttackRows, *, generator: torch.Generator
+        self,
+        images: Tensor,
+        rows: AttackRows,
+        *,
+        generator: torch.Generator,
+        group: Group = None,
     ) -> Iterator[AttackResult]:
         """:meth:`run` one batch at a time, on this rank's shard only (nothing gathered).
 
@@ -560,7 +579,7 @@ class AttackEngine:
         base_seed = int(
             torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
         )
-        rank, size = world()
+        rank, size = world(group)
         start, stop = shard_bounds(len(rows), rank, size)
         local = torch.arange(start, stop, dtype=torch.int64)
         clean_levels = to_levels(images)

@@ -46,7 +46,7 @@ from itloop.stimulus.pipeline import (
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
 
-__all__ = ["PEAK_BF16_DENSE_TFLOPS", "main", "peak_bf16_tflops"]
+__all__ = ["PEAK_BF16_DENSE_TFLOPS", "bench_images", "build_model", "main", "peak_bf16_tflops"]
 
 PEAK_BF16_DENSE_TFLOPS: dict[str, float] = {
     "H200": 989.4,
@@ -191,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_model(
+def build_model(
     backbone: str, n_sites: int, layer: str | None, hw: tuple[int, int]
 ) -> tuple[nn.Module, str]:
     """The model of IT: (B, 3, H, W) in [0, 1] -> (B, N) site responses, and where it came from."""
@@ -307,7 +307,7 @@ def _flop_per_image_step(model: nn.Module, hw: tuple[int, int], device: torch.de
     return float(counter.get_total_flops()) / 2
 
 
-def _images(n: int, hw: tuple[int, int], device: torch.device, gen: torch.Generator) -> Tensor:
+def bench_images(n: int, hw: tuple[int, int], device: torch.device, gen: torch.Generator) -> Tensor:
     """(n, 3, H, W) smooth random images on the 8-bit grid (speed and quality need no photos)."""
     coarse = torch.rand(n, 3, max(hw[0] // 8, 2), max(hw[1] // 8, 2), generator=gen)
     fine = torch.rand(n, 3, *hw, generator=gen)
@@ -465,7 +465,7 @@ def _lab_day_slice(
     b = args.batch
     per_pair = len(LAB_DAY_EPS) * LAB_DAY["signs"]
     pairs = max(1, batches * b // per_pair)
-    clean = to_levels(_images(pairs, hw, torch.device("cpu"), gen))
+    clean = to_levels(bench_images(pairs, hw, torch.device("cpu"), gen))
     sites = torch.randint(0, args.sites, (pairs,), generator=gen)
     rows = AttackRows.grid(torch.arange(pairs), sites, LAB_DAY_EPS)
     workers = png_workers()
@@ -648,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cuda:
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(args.seed)
-    model, source = _build_model(args.backbone, args.sites, args.layer, hw)
+    model, source = build_model(args.backbone, args.sites, args.layer, hw)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -658,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     b, steps, eps = args.batch, args.steps, args.eps
     pairs = b // 2
-    images = _images(pairs, hw, device, gen)
+    images = bench_images(pairs, hw, device, gen)
     sites = torch.randint(0, args.sites, (pairs,), generator=gen)
     rows = AttackRows.grid(torch.arange(pairs), sites, [eps])
     config = AttackConfig(

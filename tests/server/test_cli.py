@@ -105,3 +105,12 @@ def test_unsafe_settings_stop_the_cli_with_a_message(
     result = runner.invoke(app, ["db", "current"])
     assert result.exit_code == 2
     assert "ITLOOP_SECRET_KEY" in result.output
+
+
+@pytest.mark.parametrize(
+    ("bench", "option"), [("attack", "--gradient-dtype"), ("shards", "--nproc-per-node")]
+)
+def test_bench_help_lists_the_benchmarks_own_options(bench: str, option: str) -> None:
+    printed = invoke("bench", bench, "--help")
+    assert f"usage: itloop bench {bench}" in printed
+    assert option in printed

@@ -1,0 +1,73 @@
+"""Shards gathered as packed bytes arrive on the first rank exactly, whatever their dtypes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itloop.stimulus import sharding
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("gather_worker", HERE / "gather_worker.py")
+assert _spec is not None
+assert _spec.loader is not None
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+
+def _torchrun(out: Path, ranks: int, piece: int, mode: str = "same") -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        str(HERE / "gather_worker.py"),
+        str(out),
+        str(piece),
+        mode,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("piece", [48, sharding.GATHER_PIECE_BYTES])
+def test_three_ranks_shards_arrive_bit_exact_in_rank_order(tmp_path: Path, piece: int) -> None:
+    _torchrun(tmp_path, 3, piece)
+    gathered = torch.load(tmp_path / "gathered.pt")
+    assert len(gathered) == 3
+    for rank, part in enumerate(gathered):
+        want = worker.tensors(rank)
+        assert list(part) == list(want)
+        for name, tensor in want.items():
+            got = part[name]
+            assert got.dtype == tensor.dtype, (rank, name)
+            assert got.shape == tensor.shape, (rank, name)
+            # bytes, not values: NaN, -0.0 and subnormals must survive too
+            assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), (rank, name)
+    assert (tmp_path / "none1.txt").read_text() == "True"
+    assert (tmp_path / "none2.txt").read_text() == "True"
+
+
+@pytest.mark.slow
+def test_ranks_with_different_tensors_are_refused_by_name(tmp_path: Path) -> None:
+    _torchrun(tmp_path, 2, sharding.GATHER_PIECE_BYTES, "mismatch")
+    for rank in (0, 1):
+        assert "extra" in (tmp_path / f"error{rank}.txt").read_text()
+    assert not (tmp_path / "gathered.pt").exists()
+
+
+def test_without_a_group_the_tensors_come_back_as_they_are() -> None:
+    tensors = worker.tensors(0)
+    got = sharding.gather_tensors_to_first(tensors)
+    assert got is not None
+    assert len(got) == 1
+    assert all(got[0][k] is v for k, v in tensors.items())

@@ -1,0 +1,67 @@
+"""`itloop bench shards --quick` shards one job over two gloo ranks and times it against one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from itloop.stimulus import AttackResult, shard_benchmark
+
+
+@pytest.mark.slow
+def test_two_ranks_time_the_job_against_one_and_agree_row_by_row(tmp_path: Path) -> None:
+    out_file = tmp_path / "shards.json"
+    argv = [
+        "--quick",
+        "--nproc-per-node",
+        "2",
+        "--batches-per-rank",
+        "3",
+        "--output",
+        str(out_file),
+    ]
+    assert shard_benchmark.main(argv) == 0
+    printed = json.loads(out_file.read_text())
+    assert printed["ranks"] == 2
+    assert printed["backend"] == "gloo"
+    assert printed["rows"] == 2 * 3 * 8
+    assert printed["rows_per_rank"] == [24, 24]
+    one, every = printed["one_rank"], printed["all_ranks"]
+    for figures in (one, every):
+        assert figures["seconds"] > 0
+        rate = printed["rows"] * printed["steps"] / figures["seconds"]
+        assert figures["image_steps_per_s"] == pytest.approx(rate, rel=0.02)
+    assert printed["speedup"] == pytest.approx(one["seconds"] / every["seconds"], rel=0.02)
+    assert printed["efficiency"] == pytest.approx(printed["speedup"] / 2, rel=0.01)
+    assert len(every["rank_seconds"]) == 2
+    assert every["gather_s"] >= 0
+    agreement = printed["agreement"]  # one process or two: the same draws, the same stimuli
+    assert agreement["same_rows"]
+    assert agreement["identical_fields"] == sorted(AttackResult.__dataclass_fields__)
+    assert agreement["rows_with_identical_stimulus"] == printed["rows"]
+    assert agreement["realised_eps_over_requested_max"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+        (["--batches-per-rank", "0"], "--batches-per-rank must be >= 1, got 0"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_rank_starts(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert shard_benchmark.main(["--quick", *argv]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_more_ranks_than_gpus_is_refused_with_the_count(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_benchmark.torch.cuda, "device_count", lambda: 1)
+    assert shard_benchmark.main(["--device", "cuda", "--nproc-per-node", "2"]) == 2
+    assert "--nproc-per-node 2 needs as many GPUs; this host has 1" in capsys.readouterr().err
