@@ -51,7 +51,7 @@ from itloop.stimulus.quantisation import (
     to_levels,
 )
 from itloop.stimulus.randomness import normal_and_uniform, row_keys
-from itloop.stimulus.sharding import Group, gather_tensors_to_first, shard_bounds, world
+from itloop.stimulus.sharding import Group, gather_rows_to_first, shard_bounds, world
 
 __all__ = [
     "GEMM_TEMPLATE_OPTIONS",
@@ -539,18 +539,14 @@ class AttackEngine:
         stimulus is the 8-bit image); rows index into them. generator: seeds the job (one draw), so
         a run is reproducible and independent of batching and sharding. Returns all rows (the
         group's first rank) or this rank's shard (other ranks), each row with its ``row_index``.
-        The shards reach the first rank as tensors (:func:`gather_tensors_to_first`), not pickled.
+        The shards reach the first rank as packed bytes (:func:`gather_rows_to_first`), not pickled.
         """
         mine = AttackResult.concat(
             list(self.run_batches(images, rows, generator=generator, group=group))
             or [self._empty(images)]
         )
-        gathered = gather_tensors_to_first(
-            {k: getattr(mine, k) for k in _RESULT_FIELDS}, group=group
-        )
-        if gathered is None:
-            return mine
-        return AttackResult.concat([AttackResult(**part) for part in gathered])
+        gathered = gather_rows_to_first({k: getattr(mine, k) for k in _RESULT_FIELDS}, group)
+        return mine if gathered is None else AttackResult(**gathered)
 
     def run_batches(
         self,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackResult, AttackRows
 from itloop.stimulus.benchmark import LAB_DAY_EPS, bench_images, build_model
-from itloop.stimulus.sharding import gather_tensors_to_first
+from itloop.stimulus.sharding import gather_rows_to_first
 
 __all__ = ["main"]
 
@@ -224,6 +224,8 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
     _, warm_s = _timed_run(engine, images, warm, args.seed, device, alone)
     warmups: list[float] = [0.0] * size
     dist.all_gather_object(warmups, warm_s)
+    # NCCL sets up the point-to-point links of the gather on first use: not part of the job's time
+    gather_rows_to_first({"row": torch.zeros(1, device=device)})
 
     dist.barrier()
     one: AttackResult | None = None
@@ -242,7 +244,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
     dist.barrier()
     _sync(device)
     t0 = time.perf_counter()
-    gather_tensors_to_first({k: getattr(mine, k) for k in AttackResult.__dataclass_fields__})
+    gather_rows_to_first({k: getattr(mine, k) for k in AttackResult.__dataclass_fields__})
     gather_s = time.perf_counter() - t0
 
     names: list[str] = [""] * size

@@ -9,14 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GATHER_PIECE_BYTES", "gather_tensors_to_first", "shard_bounds", "world"]
+__all__ = ["GATHER_PIECE_BYTES", "gather_rows_to_first", "shard_bounds", "world"]
 
 Group = dist.ProcessGroup | None
 """A process group; None: the default one (``torchrun``'s world), or no group at all."""
 
 GATHER_PIECE_BYTES = 256 * 2**20
-""":func:`gather_tensors_to_first` moves at most this many bytes a rank per collective, so the
-first rank's device holds at most world size × this much of the gathered rows at a time."""
+""":func:`gather_rows_to_first` moves at most this many bytes per message, so neither end holds
+more than this much of a shard on the device at a time."""
 
 _ALIGN = 16
 """Byte alignment of each tensor in a rank's packed buffer (every dtype can be viewed from it)."""
@@ -40,7 +40,11 @@ def shard_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _layout(meta: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[list[int], int]:
+Meta = list[tuple[str, tuple[int, ...], torch.dtype]]
+"""Each tensor's name, shape and dtype, in order."""
+
+
+def _layout(meta: Meta) -> tuple[list[int], int]:
     """Byte offset of each tensor in a packed buffer, and the buffer's length."""
     offsets, end = [], 0
     for _, shape, dtype in meta:
@@ -56,63 +60,79 @@ def _comm_device(group: Group) -> torch.device:
     return torch.device("cpu")
 
 
-def gather_tensors_to_first(
-    tensors: Mapping[str, Tensor], group: Group = None
-) -> list[dict[str, Tensor]] | None:
-    """Every rank's named tensors, in rank order, on the group's first rank as CPU tensors (None
-    elsewhere); [tensors] without a group.
+def _bytes(t: Tensor) -> Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
 
-    Each rank may hold any shapes (a shard's rows); names must match across ranks. A rank's
-    tensors travel as one packed byte buffer, not pickled, in pieces of at most
-    :data:`GATHER_PIECE_BYTES` (on the current CUDA device under NCCL, else the CPU). The bytes
-    arrive unchanged: every dtype, float64 and bool included, round-trips exactly.
+
+def _check_same(metas: list[Meta]) -> None:
+    """Every rank must hold the same names, dtypes and shapes but the first dimension."""
+    first = metas[0]
+    for rank, meta in enumerate(metas):
+        for k, shape, _ in meta:
+            if not shape:
+                raise ValueError(f"{k!r} on rank {rank} is a scalar: it has no rows to gather")
+    for rank, meta in enumerate(metas[1:], start=1):
+        if [k for k, _, _ in meta] != [k for k, _, _ in first]:
+            raise ValueError(
+                f"ranks hold different tensors: rank 0 {[k for k, _, _ in first]}, "
+                f"rank {rank} {[k for k, _, _ in meta]}"
+            )
+        for (k, shape, dtype), (_, shape0, dtype0) in zip(meta, first, strict=True):
+            if dtype != dtype0 or shape[1:] != shape0[1:]:
+                raise ValueError(
+                    f"{k!r} is {dtype0} {shape0} on rank 0 but {dtype} {shape} on rank {rank}: "
+                    "only the rows (first dimension) may differ"
+                )
+
+
+def gather_rows_to_first(
+    tensors: Mapping[str, Tensor], group: Group = None
+) -> dict[str, Tensor] | None:
+    """Every rank's rows of each named tensor, concatenated in rank order (dimension 0), on the
+    group's first rank as CPU tensors (None elsewhere); the tensors themselves without a group.
+
+    Ranks hold the same names, dtypes and shapes but the number of rows (a shard each). Each other
+    rank sends its tensors as one packed byte buffer, not pickled, in pieces of at most
+    :data:`GATHER_PIECE_BYTES` (on the current CUDA device under NCCL, else the CPU); the first
+    rank copies its own rows once and never sends them. Bytes arrive unchanged: every dtype,
+    float64 and bool included, round-trips exactly.
     """
     rank, size = world(group)
     if size == 1:
-        return [dict(tensors)]
+        return dict(tensors)
     local = {k: t.detach().contiguous() for k, t in tensors.items()}
-    meta = [(k, tuple(t.shape), t.dtype) for k, t in local.items()]
-    metas: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[] for _ in range(size)]
+    meta: Meta = [(k, tuple(t.shape), t.dtype) for k, t in local.items()]
+    metas: list[Meta] = [[] for _ in range(size)]
     dist.all_gather_object(metas, meta, group=group)
-    names = [[k for k, _, _ in m] for m in metas]
-    if any(n != names[0] for n in names):
-        raise ValueError(f"ranks hold different tensors: {names}")
-    lengths = [_layout(m)[1] for m in metas]
-    longest = max(lengths)
+    _check_same(metas)
     device = _comm_device(group)
-    offsets, _ = _layout(meta)
-    packed = torch.zeros(longest, dtype=torch.uint8, device=device)
-    for off, t in zip(offsets, local.values(), strict=True):
-        flat = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.reshape(-1).byte()
-        packed[off : off + flat.numel()].copy_(flat)
-    received = [torch.empty(n, dtype=torch.uint8) for n in lengths] if rank == 0 else []
-    piece = min(GATHER_PIECE_BYTES, longest) or 1
-    for start in range(0, longest, piece):
-        stop = min(start + piece, longest)
-        part = packed[start:stop]
-        into = [torch.empty_like(part) for _ in range(size)] if rank == 0 else None
-        dist.gather(part, into, group=group, group_dst=0)
-        for r, got in enumerate(into or []):
-            n = min(stop, lengths[r]) - start
-            if n > 0:
-                received[r][start : start + n].copy_(got[:n])
     if rank != 0:
+        offsets, length = _layout(meta)
+        packed = torch.empty(length, dtype=torch.uint8, device=device)
+        for off, t in zip(offsets, local.values(), strict=True):
+            packed[off : off + t.numel() * t.element_size()].copy_(_bytes(t))
+        for start in range(0, length, GATHER_PIECE_BYTES):
+            dist.send(packed[start : start + GATHER_PIECE_BYTES], group=group, group_dst=0)
         return None
-    out = []
-    for m, buf in zip(metas, received, strict=True):
-        offs, _ = _layout(m)
-        out.append(
-            {
-                k: _unpack(buf, off, shape, dtype)
-                for (k, shape, dtype), off in zip(m, offs, strict=True)
-            }
-        )
+    rows = [[shape[0] for _, shape, _ in m] for m in metas]
+    out = {
+        k: torch.empty((sum(r[i] for r in rows), *shape[1:]), dtype=dtype)
+        for i, (k, shape, dtype) in enumerate(meta)
+    }
+    for k, t in local.items():
+        out[k][: t.shape[0]].copy_(t)
+    at = [t.shape[0] for t in local.values()]  # next free row of each tensor
+    for src in range(1, size):
+        offsets, length = _layout(metas[src])
+        received = torch.empty(length, dtype=torch.uint8)
+        piece = torch.empty(min(GATHER_PIECE_BYTES, length), dtype=torch.uint8, device=device)
+        for start in range(0, length, GATHER_PIECE_BYTES):
+            n = min(GATHER_PIECE_BYTES, length - start)
+            dist.recv(piece[:n], group=group, group_src=src)
+            received[start : start + n].copy_(piece[:n])
+        for i, ((k, shape, _), off) in enumerate(zip(metas[src], offsets, strict=True)):
+            block = out[k][at[i] : at[i] + shape[0]]
+            _bytes(block).copy_(received[off : off + block.numel() * block.element_size()])
+            at[i] += shape[0]
     return out
-
-
-def _unpack(buf: Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A tensor of its own (not a view of ``buf``, which other dtypes view too) from its bytes."""
-    n = math.prod(shape)
-    if dtype == torch.bool:
-        return buf[offset : offset + n].bool().reshape(shape)
-    return buf[offset : offset + n * dtype.itemsize].view(dtype).reshape(shape).clone()

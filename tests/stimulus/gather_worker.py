@@ -26,15 +26,17 @@ def tensors(rank: int) -> dict[str, torch.Tensor]:
     }
 
 
-def main(out: Path, piece: int, mismatch: bool) -> None:
+def main(out: Path, piece: int, mode: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     sharding.GATHER_PIECE_BYTES = piece
     mine = tensors(rank)
-    if mismatch and rank == 1:
+    if mode == "extra" and rank == 1:
         mine["extra"] = torch.zeros(1)
+    if mode == "shape" and rank == 2:
+        mine["delta_levels"] = mine["delta_levels"][..., :4]
     try:
-        got = sharding.gather_tensors_to_first(mine)
+        got = sharding.gather_rows_to_first(mine)
     except ValueError as exc:
         (out / f"error{rank}.txt").write_text(str(exc))
     else:
@@ -48,4 +50,4 @@ def main(out: Path, piece: int, mismatch: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "mismatch")
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

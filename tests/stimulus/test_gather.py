@@ -40,34 +40,34 @@ def _torchrun(out: Path, ranks: int, piece: int, mode: str = "same") -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("piece", [48, sharding.GATHER_PIECE_BYTES])
-def test_three_ranks_shards_arrive_bit_exact_in_rank_order(tmp_path: Path, piece: int) -> None:
+def test_three_ranks_rows_arrive_bit_exact_in_rank_order(tmp_path: Path, piece: int) -> None:
     _torchrun(tmp_path, 3, piece)
     gathered = torch.load(tmp_path / "gathered.pt")
-    assert len(gathered) == 3
-    for rank, part in enumerate(gathered):
-        want = worker.tensors(rank)
-        assert list(part) == list(want)
-        for name, tensor in want.items():
-            got = part[name]
-            assert got.dtype == tensor.dtype, (rank, name)
-            assert got.shape == tensor.shape, (rank, name)
-            # bytes, not values: NaN, -0.0 and subnormals must survive too
-            assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), (rank, name)
+    parts = [worker.tensors(rank) for rank in range(3)]
+    assert list(gathered) == list(parts[0])
+    for name, got in gathered.items():
+        want = torch.cat([p[name] for p in parts])  # rank 1 has no rows
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        # bytes, not values: NaN, -0.0 and subnormals must survive too
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
     assert (tmp_path / "none1.txt").read_text() == "True"
     assert (tmp_path / "none2.txt").read_text() == "True"
 
 
 @pytest.mark.slow
-def test_ranks_with_different_tensors_are_refused_by_name(tmp_path: Path) -> None:
-    _torchrun(tmp_path, 2, sharding.GATHER_PIECE_BYTES, "mismatch")
-    for rank in (0, 1):
-        assert "extra" in (tmp_path / f"error{rank}.txt").read_text()
+@pytest.mark.parametrize(("mode", "named"), [("extra", "extra"), ("shape", "'delta_levels'")])
+def test_ranks_whose_tensors_differ_beyond_their_rows_are_refused_by_name(
+    tmp_path: Path, mode: str, named: str
+) -> None:
+    _torchrun(tmp_path, 3, sharding.GATHER_PIECE_BYTES, mode)
+    for rank in range(3):
+        assert named in (tmp_path / f"error{rank}.txt").read_text()
     assert not (tmp_path / "gathered.pt").exists()
 
 
 def test_without_a_group_the_tensors_come_back_as_they_are() -> None:
     tensors = worker.tensors(0)
-    got = sharding.gather_tensors_to_first(tensors)
+    got = sharding.gather_rows_to_first(tensors)
     assert got is not None
-    assert len(got) == 1
-    assert all(got[0][k] is v for k, v in tensors.items())
+    assert all(got[k] is v for k, v in tensors.items())
