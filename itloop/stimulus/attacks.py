@@ -183,6 +183,28 @@ class AttackResult:
         """Rows ``start:stop`` as views of these tensors (no copy)."""
         return AttackResult(**{k: getattr(self, k)[start:stop] for k in _RESULT_FIELDS})
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every field by name (the tensors themselves, not copies)."""
+        return {k: getattr(self, k) for k in _RESULT_FIELDS}
+
+    @staticmethod
+    def empty(image_shape: Sequence[int]) -> AttackResult:
+        """No rows, for images of (C, H, W) ``image_shape``."""
+        z = torch.zeros(0)
+        i64 = torch.zeros(0, dtype=torch.int64)
+        return AttackResult(
+            row_index=i64,
+            image_index=i64.clone(),
+            site_index=i64.clone(),
+            sign=torch.zeros(0, dtype=torch.int8),
+            eps_l2=z.double(),
+            realised_eps_l2=z.double(),
+            delta_levels=torch.zeros((0, *image_shape), dtype=torch.int16),
+            f_clean=z,
+            f_adv=z.clone(),
+            f_adv_unquantised=z.clone(),
+        )
+
     @staticmethod
     def concat(parts: Sequence[AttackResult]) -> AttackResult:
         """Rows of several results, in order."""
@@ -543,9 +565,9 @@ class AttackEngine:
         """
         mine = AttackResult.concat(
             list(self.run_batches(images, rows, generator=generator, group=group))
-            or [self._empty(images)]
+            or [AttackResult.empty(images.shape[1:])]
         )
-        gathered = gather_rows_to_first({k: getattr(mine, k) for k in _RESULT_FIELDS}, group)
+        gathered = gather_rows_to_first(mine.tensors(), group)
         return mine if gathered is None else AttackResult(**gathered)
 
     def run_batches(
@@ -555,12 +577,15 @@ class AttackEngine:
         *,
         generator: torch.Generator,
         group: Group = None,
+        cuts: Sequence[int] | None = None,
     ) -> Iterator[AttackResult]:
         """:meth:`run` one batch at a time, on this rank's shard only (nothing gathered).
 
         Each batch is yielded as soon as it is done, so a caller can store batch k's stimuli while
         the device works on batch k + 1; the rows, seeds and results are those of :meth:`run`. The
-        arguments are checked (and the seed drawn) at the call, before any batch runs.
+        arguments are checked (and the seed drawn) at the call, before any batch runs. ``cuts``:
+        row positions where a shard may begin (:func:`shard_bounds`), so that rows that belong
+        together stay on one rank.
         """
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"images must be float (M, C, H, W), got {tuple(images.shape)}")
@@ -576,7 +601,7 @@ class AttackEngine:
             torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
         )
         rank, size = world(group)
-        start, stop = shard_bounds(len(rows), rank, size)
+        start, stop = shard_bounds(len(rows), rank, size, cuts)
         local = torch.arange(start, stop, dtype=torch.int64)
         clean_levels = to_levels(images)
         bs = self.config.batch_size
@@ -592,21 +617,6 @@ class AttackEngine:
         return (
             self._run_batch(clean_levels, clean_f, rows, local[b : b + bs], base_seed)
             for b in range(0, local.numel(), bs)
-        )
-
-    def _empty(self, images: Tensor) -> AttackResult:
-        z = torch.zeros(0)
-        return AttackResult(
-            row_index=torch.zeros(0, dtype=torch.int64),
-            image_index=torch.zeros(0, dtype=torch.int64),
-            site_index=torch.zeros(0, dtype=torch.int64),
-            sign=torch.zeros(0, dtype=torch.int8),
-            eps_l2=z.double(),
-            realised_eps_l2=z.double(),
-            delta_levels=torch.zeros((0, *images.shape[1:]), dtype=torch.int16),
-            f_clean=z,
-            f_adv=z,
-            f_adv_unquantised=z,
         )
 
     def _run_batch(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.profiler import record_function
 
@@ -32,7 +33,7 @@ from itloop.stimulus.attacks import (
 )
 from itloop.stimulus.images import encode_png
 from itloop.stimulus.quantisation import from_levels, perturbed_levels
-from itloop.stimulus.sharding import world
+from itloop.stimulus.sharding import Group, gather_rows_to_first, world
 
 __all__ = [
     "CHUNK_ROWS",
@@ -169,6 +170,12 @@ class KeptStimuli:
     sha256: list[str]
 
 
+def _group_starts(rows: AttackRows) -> list[int]:
+    """Row positions where a new (image, site, ε) begins: where a shard may begin."""
+    keys = torch.stack([rows.image_index.double(), rows.site_index.double(), rows.eps_l2], dim=1)
+    return (torch.nonzero((keys[1:] != keys[:-1]).any(dim=1)).flatten() + 1).tolist()
+
+
 def attack_and_store(
     engine: AttackEngine,
     clean_levels: Tensor,
@@ -177,6 +184,7 @@ def attack_and_store(
     generator: torch.Generator,
     writer: PngWriter,
     device: torch.device | str = "cpu",
+    group: Group = None,
 ) -> KeptStimuli:
     """Attack ``rows`` batch by batch, keep the larger predicted change per (image, site, ε), and
     hand each batch's kept stimuli to ``writer`` while the device runs the next batch.
@@ -184,18 +192,24 @@ def attack_and_store(
     clean_levels: (M, 3, H, W) uint8 clean images on the CPU. The rows of one (image, site, ε)
     (its signs and restarts) must be consecutive, as :meth:`AttackRows.grid` makes them; a group
     cut by a batch boundary waits for the rest of its rows. Same results as
-    ``select_largest_change(engine.run(...))`` in one process.
+    ``select_largest_change(engine.run(...))``.
+
+    Under torch.distributed each rank of ``group`` (None: the default group) attacks a contiguous
+    shard whose ends fall between groups, and stores its own stimuli with its own ``writer``
+    (writers of one content store, so the PNGs land in one place); the group's first rank gets
+    every kept row and content address, in row order, and the others their own.
     """
     if clean_levels.dtype != torch.uint8 or clean_levels.ndim != 4:
         raise ValueError(
             f"clean_levels must be (M, C, H, W) uint8, got {tuple(clean_levels.shape)} "
             f"{clean_levels.dtype}"
         )
-    if world()[1] > 1:
-        raise RuntimeError("attack_and_store runs in one process; use AttackEngine.run to shard")
     images = from_levels(clean_levels).to(device)
     if len(rows) == 0:
-        return KeptStimuli(result=engine.run(images, rows, generator=generator), sha256=[])
+        return KeptStimuli(
+            result=engine.run(images, rows, generator=generator, group=group), sha256=[]
+        )
+    rank, size = world(group)
     start = writer.submitted
     kept: list[AttackResult] = []
     carry: AttackResult | None = None
@@ -205,10 +219,11 @@ def attack_and_store(
         kept.append(chosen)
         writer.submit_stimuli(clean_levels, chosen.image_index, chosen.delta_levels)
 
+    cuts = _group_starts(rows) if size > 1 else None
     # Between batches the device waits for this loop, so it copies no more than the kept rows:
     # closed groups are handled as views of the batch, and only a group cut by the batch boundary
     # is joined with its rest.
-    for part in engine.run_batches(images, rows, generator=generator):
+    for part in engine.run_batches(images, rows, generator=generator, group=group, cuts=cuts):
         with record_function("itloop.pipeline.keep"):
             keys = group_keys(part)
             begin = 0
@@ -228,9 +243,17 @@ def attack_and_store(
             carry = part.rows(len(part) - n_open, len(part)) if n_open else None
     if carry is not None:
         keep(carry)
-    result = AttackResult.concat(kept)
+    result = AttackResult.concat(kept) if kept else AttackResult.empty(clean_levels.shape[1:])
+    sha256 = writer.results()[start : start + len(result)]
+    if size > 1:
+        gathered = gather_rows_to_first(result.tensors(), group)
+        addresses: list[list[str]] | None = [[] for _ in range(size)] if rank == 0 else None
+        dist.gather_object(sha256, addresses, group=group, group_dst=0)
+        if gathered is not None and addresses is not None:
+            result = AttackResult(**gathered)
+            sha256 = [sha for part in addresses for sha in part]
     if len(np.unique(group_keys(result), axis=0)) != len(result):
         raise ValueError(
             "rows of one (image, site, ε) are not consecutive: order them as AttackRows.grid does"
         )
-    return KeptStimuli(result=result, sha256=writer.results()[start : start + len(result)])
+    return KeptStimuli(result=result, sha256=sha256)

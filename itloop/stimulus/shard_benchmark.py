@@ -153,12 +153,12 @@ def _agreement(one: AttackResult, sharded: AttackResult) -> dict[str, Any]:
     same_rows = torch.equal(one.row_index, sharded.row_index)
     if not same_rows:
         return {"same_rows": False}
-    fields = AttackResult.__dataclass_fields__
+    theirs = sharded.tensors()
     stimulus_equal = (one.delta_levels == sharded.delta_levels).flatten(1).all(1)
     return {
         "same_rows": True,
         "identical_fields": sorted(
-            k for k in fields if torch.equal(getattr(one, k), getattr(sharded, k))
+            k for k, t in one.tensors().items() if torch.equal(t, theirs[k])
         ),
         "rows_with_identical_stimulus": int(stimulus_equal.sum()),
         "max_abs_f_adv_difference": float((one.f_adv - sharded.f_adv).abs().max()),
@@ -244,7 +244,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
     dist.barrier()
     _sync(device)
     t0 = time.perf_counter()
-    gather_rows_to_first({k: getattr(mine, k) for k in AttackResult.__dataclass_fields__})
+    gather_rows_to_first(mine.tensors())
     gather_s = time.perf_counter() - t0
 
     names: list[str] = [""] * size

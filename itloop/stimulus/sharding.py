@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,15 +30,34 @@ def world(group: Group = None) -> tuple[int, int]:
     return 0, 1
 
 
-def shard_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+def shard_bounds(
+    n_rows: int, rank: int, world_size: int, cuts: Sequence[int] | None = None
+) -> tuple[int, int]:
     """[start, stop) of rank's contiguous shard of n_rows; the first n_rows % world_size get one
-    more.
+    more. With ``cuts`` (row positions where a shard may begin), each boundary moves to the
+    nearest of them (the lower on a tie), so no run of rows between two cuts is split; a shard
+    may then be empty.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     base, extra = divmod(n_rows, world_size)
     start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    stop = start + base + (1 if rank < extra else 0)
+    if cuts is None:
+        return start, stop
+    outside = [c for c in cuts if not 0 <= c <= n_rows]
+    if outside:
+        raise ValueError(f"cuts {outside} lie outside the rows [0, {n_rows}]")
+    allowed = sorted({0, n_rows, *cuts})
+    return _nearest(allowed, start), _nearest(allowed, stop)
+
+
+def _nearest(allowed: list[int], position: int) -> int:
+    i = bisect.bisect_left(allowed, position)
+    if i < len(allowed) and allowed[i] == position:
+        return position
+    below, above = allowed[i - 1], allowed[i]
+    return below if position - below <= above - position else above
 
 
 Meta = list[tuple[str, tuple[int, ...], torch.dtype]]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
 from .toys import TinyConvNet
 
 SHAPE = (3, 8, 8)
+HERE = Path(__file__).resolve().parent
 
 
 class MemoryStore:
@@ -185,3 +191,46 @@ def test_day_chunks_name_a_bad_argument(argument: str, value: int) -> None:
     kwargs = {"pairs": 10, "rows_per_pair": 12, "batch": 512, "rows": 4096, argument: value}
     with pytest.raises(ValueError, match=f"{argument} must be >= .*got {value}"):
         day_chunks(**kwargs)
+
+
+@pytest.mark.slow
+def test_three_ranks_store_their_shards_and_the_first_gets_what_one_process_keeps(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=3",
+        str(HERE / "pipeline_worker.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("pipeline_worker", HERE / "pipeline_worker.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(HERE))  # the script imports toys as a sibling
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(HERE))
+    engine, clean, rows = module.job()
+    store = MemoryStore()
+    with PngWriter(store.put, workers=2) as writer:
+        alone = attack_and_store(
+            engine, clean, rows, generator=torch.Generator().manual_seed(2), writer=writer
+        )
+    first = torch.load(tmp_path / "0.pt")
+    assert first["sha256"] == alone.sha256
+    for name, tensor in alone.result.tensors().items():
+        assert torch.equal(first["result"][name], tensor), name
+    # the other ranks kept whole groups only: 8 groups over 3 ranks at cuts 18 and 30
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in (1, 2)]
+    assert [len(p["sha256"]) for p in parts] == [2, 3]
+    assert len(first["sha256"]) == 8  # rank 0's 3 groups and theirs
+    for sha, image in zip(alone.sha256, alone.result.adversarial_levels(clean), strict=True):
+        assert torch.equal(decode_png((tmp_path / "store" / f"{sha}.png").read_bytes()), image)

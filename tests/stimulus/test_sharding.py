@@ -56,3 +56,19 @@ def test_two_gloo_ranks_reproduce_the_single_process_result(tmp_path: Path) -> N
         assert torch.equal(getattr(gathered, name), getattr(single, name)), name
     shard = AttackResult(**torch.load(tmp_path / "1.pt"))
     assert shard.row_index.tolist() == list(range(8, 16))
+
+
+def test_shards_with_cuts_end_only_between_groups_and_nearest_the_even_split() -> None:
+    # groups of 6 rows: an even split of 18 rows over 2 ranks (9) would cut the second group
+    cuts = [6, 12]
+    assert [shard_bounds(18, r, 2, cuts) for r in range(2)] == [(0, 6), (6, 18)]
+    # over 4 ranks, boundaries 5, 10, 14 (the first 2 ranks take 5 rows) move to 6, 12 and 12
+    assert [shard_bounds(18, r, 4, cuts) for r in range(4)] == [(0, 6), (6, 12), (12, 12), (12, 18)]
+    for size in (1, 2, 3, 5):
+        bounds = [shard_bounds(18, r, size, cuts) for r in range(size)]
+        assert bounds[0][0] == 0
+        assert bounds[-1][1] == 18
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+        assert all(b[0] in (0, 6, 12) for b in bounds if b[0] < b[1])
+    with pytest.raises(ValueError, match=r"cuts \[19\]"):
+        shard_bounds(18, 0, 2, [6, 19])
