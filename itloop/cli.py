@@ -183,14 +183,18 @@ def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
 
 @app.command()
 def worker() -> None:
-    """Run a worker process: takes jobs from the GPU and CPU queues until stopped."""
-    from itloop.worker.main import run_worker
+    """Run a worker process: takes jobs from the GPU and CPU queues until stopped.
+
+    Under ``torchrun --nproc-per-node N -m itloop worker`` one worker spreads its generation
+    over the host's N GPUs (one rank each).
+    """
+    from itloop.worker.main import run_worker_ranks
 
     _log_to_console()
     settings = load_settings()
     settings.prepare_data_dir()
     console.print(f"worker on {_display_url(settings.effective_database_url)}")
-    run_worker(settings, stop_event=_stop_with_parent())
+    run_worker_ranks(settings, stop_event=_stop_with_parent())
 
 
 def _log_to_console() -> None:

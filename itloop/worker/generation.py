@@ -43,15 +43,15 @@ from itloop.server.sessions import transition
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackRows
 from itloop.stimulus.controls import gaussian_noise_control, interpolation_control
 from itloop.stimulus.images import load_image
-from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
+from itloop.stimulus.pipeline import KeptStimuli, PngWriter, attack_and_store, day_chunks
 from itloop.stimulus.quantisation import from_levels, to_levels
 from itloop.stimulus.rsvp import StimulusSlot, gap_in_presentations, plan_rsvp
 from itloop.stimulus.sources import ImageFolderSource
-from itloop.worker import runtime
-from itloop.worker.modelstore import create_day0_version, load_model, site_order
+from itloop.worker import ranks, runtime
+from itloop.worker.modelstore import create_day0_version, load_model_files, site_order
 from itloop.worker.workflows import JobRun, job_workflow
 
-__all__ = ["generate", "resolve_device"]
+__all__ = ["follow_attack", "generate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ CONTROL_KINDS = {"noise": StimulusKind.noise, "interpolation": StimulusKind.inte
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``Settings.device``: a rank's own when the worker has several."""
+    rank = ranks.current()
+    if rank is not None:
+        return rank.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -175,15 +179,12 @@ def _source_name(image_source: str) -> str:
 _ENGINE: list[AttackEngine] = []  # the last engine built in this process
 
 
-def _engine(version_id: int, steps: int, device: torch.device, store: ContentStore) -> AttackEngine:
-    """The attack engine of a model version, reused while the model and settings stay the same, so
-    that the compiled loop is built once for all chunks of a day, not once per chunk."""
-    with runtime.current().sessions() as db:
-        version = db.get(ModelVersion, version_id)
-        if version is None:
-            raise ValueError(f"model version {version_id} vanished")
-        model = load_model(store, version, device)  # the same object while the weights are
-    config = AttackConfig.for_device(device, steps)
+def _engine(task: dict[str, Any], device: torch.device, store: ContentStore) -> AttackEngine:
+    """The attack engine of the task's model version, reused while the model and settings stay
+    the same, so that the compiled loop is built once for all chunks of a day, not once per
+    chunk."""
+    model = load_model_files(store, task["checkpoint_sha256"], task["card"], device)
+    config = AttackConfig.for_device(device, task["steps"])
     if not (_ENGINE and _ENGINE[0].model is model and _ENGINE[0].config == config):
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: the padded batch of 512
@@ -209,10 +210,79 @@ def _chunk_work(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     return list(plan["assignments"][start:end])
 
 
+def _attack_task(plan: dict[str, Any], chunk: int, work: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every rank needs to attack the chunk: plain data, sent to the other ranks."""
+    with runtime.current().sessions() as db:
+        version = db.get(ModelVersion, plan["model_version_id"])
+        if version is None:
+            raise ValueError(f"model version {plan['model_version_id']} vanished")
+        checkpoint, card = version.checkpoint_sha256, version.config["card"]
+    return {
+        "kind": "attack",
+        "artifact_dir": str(runtime.current().settings.artifact_dir),
+        "checkpoint_sha256": checkpoint,
+        "card": card,
+        "steps": plan["steps"],
+        "input_px": plan["input_px"],
+        "eps_l2": plan["eps_l2"],
+        "paths": [a["path"] for a in work],
+        "readout_index": [a["readout_index"] for a in work],
+        "seed": plan["seed"] * 1000 + chunk,
+    }
+
+
+def _clean_levels(task: dict[str, Any]) -> torch.Tensor:
+    px = task["input_px"]
+    return to_levels(torch.stack([load_image(p, size_hw=(px, px)) for p in task["paths"]]))
+
+
+def _attack_rows(
+    task: dict[str, Any],
+    writer: PngWriter,
+    device: torch.device,
+    store: ContentStore,
+    clean_levels: torch.Tensor | None = None,
+) -> tuple[AttackEngine, KeptStimuli]:
+    """Load the task's clean images (unless given) and model, then attack its rows: this rank's
+    shard when the worker has several ranks (rank 0 then gets every kept row), each rank's
+    stimuli to its ``writer``."""
+    levels, engine, problem = clean_levels, None, None
+    try:
+        if levels is None:
+            levels = _clean_levels(task)
+        engine = _engine(task, device, store)
+    except Exception as exc:  # every rank learns of it before any collective starts
+        problem = exc
+    failed = ranks.not_ready(problem is None)
+    if problem is not None:
+        raise problem
+    if failed or levels is None or engine is None:
+        raise RuntimeError(
+            f"ranks {failed} could not load the chunk's images or model (see their logs)"
+        )
+    readout = torch.tensor(task["readout_index"], dtype=torch.int64)
+    rows = AttackRows.grid(torch.arange(len(task["paths"])), readout, task["eps_l2"])
+    generator = torch.Generator(device="cpu").manual_seed(task["seed"])
+    kept = attack_and_store(engine, levels, rows, generator=generator, writer=writer, device=device)
+    return engine, kept
+
+
+def follow_attack(task: dict[str, Any]) -> None:
+    """A chunk's attack on a rank after the first: this rank's shard, its PNGs stored (before
+    :func:`attack_and_store` sends rank 0 their addresses)."""
+    rank = ranks.current()
+    if rank is None:
+        raise RuntimeError("follow_attack runs on a worker's ranks")
+    store = ContentStore(Path(task["artifact_dir"]))
+    with PngWriter(store.put) as writer:
+        _, kept = _attack_rows(task, writer, rank.device, store)
+    log.info("rank %d: %d stimuli of its shard stored", rank.rank, len(kept.result))
+
+
 @DBOS.step(name="itloop.generate.attack")
 def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     """Stimuli of the chunk's (image, site) pairs: metadata per stimulus (the PNGs go to the
-    store)."""
+    store). With several ranks, every rank attacks its shard of the chunk's rows."""
     rt = runtime.current()
     store = _store()
     device = resolve_device(rt.settings.device)
@@ -220,19 +290,14 @@ def _attack(plan: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
     if not work:
         return []
     px = plan["input_px"]
-    clean = torch.stack([load_image(a["path"], size_hw=(px, px)) for a in work])
-    clean_levels = to_levels(clean)
-    eps = plan["eps_l2"]
-    engine = _engine(plan["model_version_id"], plan["steps"], device, store)
-    generator = torch.Generator(device="cpu").manual_seed(plan["seed"] * 1000 + chunk)
-    readout = torch.tensor([a["readout_index"] for a in work], dtype=torch.int64)
-    rows = AttackRows.grid(torch.arange(len(work)), readout, eps)
+    task = _attack_task(plan, chunk, work)
+    readout = torch.tensor(task["readout_index"], dtype=torch.int64)
     # PNGs are encoded and stored on CPU threads while the device attacks the next batch
+    clean_levels = _clean_levels(task)  # before the other ranks are called
     with PngWriter(store.put) as writer:
         clean_at = writer.submit(list(clean_levels))
-        kept = attack_and_store(
-            engine, clean_levels, rows, generator=generator, writer=writer, device=device
-        )
+        with ranks.leading(task):
+            engine, kept = _attack_rows(task, writer, device, store, clean_levels)
         result = kept.result
         f_clean_all = torch.full((len(work),), float("nan"))  # f(x) at its site, from the run
         f_clean_all[result.image_index] = result.f_clean

@@ -8,10 +8,10 @@ import threading
 from types import FrameType
 
 from itloop.server.settings import Settings
-from itloop.worker import runtime
+from itloop.worker import ranks, runtime
 from itloop.worker.schedules import register_schedules
 
-__all__ = ["run_worker", "start_in_process", "stop_in_process"]
+__all__ = ["run_worker", "run_worker_ranks", "start_in_process", "stop_in_process"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,22 @@ def run_worker(settings: Settings, *, stop_event: threading.Event | None = None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def run_worker_ranks(settings: Settings, *, stop_event: threading.Event | None = None) -> None:
+    """:func:`run_worker`, or under ``torchrun --nproc-per-node N`` one worker over the host's N
+    devices: rank 0 runs the worker and the other ranks attack their shards of its generation
+    chunks (:mod:`itloop.worker.ranks`) until rank 0 stops."""
+    joined = ranks.join(settings.device)
+    if joined is not None and joined.rank > 0:
+        from itloop.worker.generation import follow_attack
+
+        ranks.follow({"attack": follow_attack})
+        return
+    try:
+        run_worker(settings, stop_event=stop_event)
+    finally:
+        ranks.release()
 
 
 def start_in_process(settings: Settings) -> None:

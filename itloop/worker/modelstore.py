@@ -29,6 +29,7 @@ from itloop.server.settings import Settings
 __all__ = [
     "create_day0_version",
     "load_model",
+    "load_model_files",
     "record_version",
     "save_weights",
     "site_order",
@@ -58,12 +59,20 @@ def site_order(db: Session, version: ModelVersion) -> list[int]:
 
 def load_model(store: ContentStore, version: ModelVersion, device: torch.device) -> ITModel:
     """The model of ``version`` on ``device``, in eval mode (the last one is cached)."""
-    key = (version.checkpoint_sha256, str(device))
+    return load_model_files(store, version.checkpoint_sha256, version.config["card"], device)
+
+
+def load_model_files(
+    store: ContentStore, checkpoint_sha256: str, card: dict[str, Any], device: torch.device
+) -> ITModel:
+    """The model of a card and its stored weights on ``device``, in eval mode (the last one is
+    cached): :func:`load_model` without the database row."""
+    key = (checkpoint_sha256, str(device))
     cached = _cache.get(key)
     if cached is not None:
         return cached
-    model = ITModel.from_card(version.config["card"])
-    model.load_state_dict(safetensors_load(store.get(version.checkpoint_sha256)), strict=True)
+    model = ITModel.from_card(card)
+    model.load_state_dict(safetensors_load(store.get(checkpoint_sha256)), strict=True)
     model = model.to(device).eval()
     _cache.clear()
     _cache[key] = model
