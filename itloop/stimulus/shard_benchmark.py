@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,6 +34,9 @@ import torch.distributed as dist
 
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackResult, AttackRows
 from itloop.stimulus.benchmark import LAB_DAY_EPS, bench_images, build_model
+from itloop.stimulus.images import write_png_bytes
+from itloop.stimulus.pipeline import KeptStimuli, PngWriter, attack_and_store
+from itloop.stimulus.quantisation import to_levels
 from itloop.stimulus.sharding import gather_rows_to_first
 
 __all__ = ["main"]
@@ -247,6 +251,8 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
     gather_rows_to_first(mine.tensors())
     gather_s = time.perf_counter() - t0
 
+    pipeline = _pipeline(engine, images, rows, args.seed, device, alone, rank, size)
+
     names: list[str] = [""] * size
     dist.all_gather_object(names, _device_name(device))
     if rank != 0:
@@ -282,6 +288,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
         "speedup": round(speedup, 3),
         "efficiency": round(speedup / size, 3),
         "agreement": _agreement(one, sharded),
+        "pipeline": pipeline,
         "method": (
             "AttackEngine.run over the rows (random start, PGD, budget check, quantisation-aware "
             "rounding, exact-fp32 f(x) and f(x+δ)), timed from a barrier to the whole result on "
@@ -295,6 +302,77 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
         args.output.write_text(text + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _timed_pipeline(
+    engine: AttackEngine,
+    clean_levels: torch.Tensor,
+    rows: AttackRows,
+    seed: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+) -> tuple[KeptStimuli, float]:
+    """attack_and_store over ``rows``, its PNGs to a directory of this rank's: stimuli and
+    seconds (until every PNG is stored and, sharded, every row is on rank 0)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="itloop-shards-") as tmp,
+        PngWriter(lambda data: write_png_bytes(data, Path(tmp))[0]) as writer,
+    ):
+        _sync(device)
+        t0 = time.perf_counter()
+        kept = attack_and_store(
+            engine,
+            clean_levels,
+            rows,
+            generator=torch.Generator().manual_seed(seed),
+            writer=writer,
+            device=device,
+            group=group,
+        )
+        _sync(device)
+        return kept, time.perf_counter() - t0
+
+
+def _pipeline(
+    engine: AttackEngine,
+    images: torch.Tensor,
+    rows: AttackRows,
+    seed: int,
+    device: torch.device,
+    alone: dist.ProcessGroup,
+    rank: int,
+    size: int,
+) -> dict[str, Any]:
+    """The worker's pipeline (attack, keep the better sign, PNGs stored on CPU threads) over the
+    same rows, on rank 0 alone and then on every rank: its figures (rank 0's are complete)."""
+    clean_levels = to_levels(images.cpu())
+    dist.barrier()
+    one: KeptStimuli | None = None
+    one_s = 0.0
+    if rank == 0:
+        one, one_s = _timed_pipeline(engine, clean_levels, rows, seed, device, alone)
+    dist.barrier()
+    every, every_s = _timed_pipeline(engine, clean_levels, rows, seed, device, None)
+    rank_s: list[float] = [0.0] * size
+    dist.all_gather_object(rank_s, every_s)
+    if one is None:
+        return {}
+    speedup = one_s / every_s
+    steps = engine.config.steps
+    return {
+        "what": "attack_and_store: the better sign of each (image, site, ε) kept, its PNG "
+        "encoded and stored on CPU threads while the device attacks the next batch; sharded, "
+        "each rank stores its own and rank 0 gets every kept row and address",
+        "kept_stimuli": len(every.result),
+        "one_rank": _rate(len(rows), steps, one_s),
+        "all_ranks": {
+            **_rate(len(rows), steps, every_s),
+            "rank_seconds": [round(t, 3) for t in rank_s],
+        },
+        "speedup": round(speedup, 3),
+        "efficiency": round(speedup / size, 3),
+        "identical_addresses": one.sha256 == every.sha256,
+    }
 
 
 def _device_name(device: torch.device) -> str:

@@ -42,6 +42,13 @@ def test_two_ranks_time_the_job_against_one_and_agree_row_by_row(tmp_path: Path)
     assert agreement["identical_fields"] == sorted(AttackResult.__dataclass_fields__)
     assert agreement["rows_with_identical_stimulus"] == printed["rows"]
     assert agreement["realised_eps_over_requested_max"] <= 1.0
+    pipeline = printed["pipeline"]  # the worker's pipeline: the same stimuli, stored by both
+    assert pipeline["kept_stimuli"] == printed["rows"] // 2
+    assert pipeline["identical_addresses"]
+    assert pipeline["speedup"] == pytest.approx(
+        pipeline["one_rank"]["seconds"] / pipeline["all_ranks"]["seconds"], rel=0.02
+    )
+    assert len(pipeline["all_ranks"]["rank_seconds"]) == 2
 
 
 @pytest.mark.parametrize(
