@@ -46,7 +46,15 @@ from itloop.stimulus.pipeline import (
 from itloop.stimulus.precision import conv_fp32_precision
 from itloop.stimulus.quantisation import from_levels, realised_eps_l2, to_levels
 
-__all__ = ["PEAK_BF16_DENSE_TFLOPS", "bench_images", "build_model", "main", "peak_bf16_tflops"]
+__all__ = [
+    "PEAK_BF16_DENSE_TFLOPS",
+    "bench_images",
+    "build_model",
+    "describe_model",
+    "emit_json",
+    "main",
+    "peak_bf16_tflops",
+]
 
 PEAK_BF16_DENSE_TFLOPS: dict[str, float] = {
     "H200": 989.4,
@@ -767,14 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {
         "device": name,
         "torch": torch.__version__,
-        "model": {
-            "source": source,
-            "backbone": args.backbone,
-            "layer": args.layer,
-            "input_hw": list(hw),
-            "sites": args.sites,
-            "weights": "random init (speed and relative quality need no trained weights)",
-        },
+        "model": describe_model(args, source, hw, "speed and relative quality"),
         "batch": b,
         "steps": steps,
         "eps_l2": eps,
@@ -855,12 +856,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not math.isfinite(ours["image_steps_per_s"]):
         print(json.dumps(out, indent=2, default=str))
         return 1
+    emit_json(out, args.output)
+    return 0
+
+
+def describe_model(
+    args: argparse.Namespace, source: str, hw: tuple[int, int], measured: str
+) -> dict[str, Any]:
+    """The benchmarked model, for a benchmark's JSON: ``measured`` is what needs no trained
+    weights."""
+    return {
+        "source": source,
+        "backbone": args.backbone,
+        "layer": args.layer,
+        "input_hw": list(hw),
+        "sites": args.sites,
+        "weights": f"random init ({measured} need no trained weights)",
+    }
+
+
+def emit_json(out: dict[str, Any], output: Path | None) -> None:
+    """Print a benchmark's figures as JSON, and also write them to ``output`` when given."""
     text = json.dumps(out, indent=2, default=str)
     print(text)
-    if args.output is not None:
-        args.output.write_text(text + "\n")
+    if output is not None:
+        output.write_text(text + "\n")
     sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ sharded result equals the one-rank result row by row.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -33,11 +32,17 @@ import torch
 import torch.distributed as dist
 
 from itloop.stimulus.attacks import AttackConfig, AttackEngine, AttackResult, AttackRows
-from itloop.stimulus.benchmark import LAB_DAY_EPS, bench_images, build_model
+from itloop.stimulus.benchmark import (
+    LAB_DAY_EPS,
+    bench_images,
+    build_model,
+    describe_model,
+    emit_json,
+)
 from itloop.stimulus.images import write_png_bytes
 from itloop.stimulus.pipeline import KeptStimuli, PngWriter, attack_and_store
 from itloop.stimulus.quantisation import to_levels
-from itloop.stimulus.sharding import gather_rows_to_first
+from itloop.stimulus.sharding import gather_rows_to_first, torchrun_command
 
 __all__ = ["main"]
 
@@ -113,17 +118,7 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def _launch(argv: list[str], ranks: int) -> int:
     """Run this benchmark as ``ranks`` torchrun ranks on this host; their exit status."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        "-m",
-        "itloop.stimulus.shard_benchmark",
-        *argv,
-    ]
-    return subprocess.call(cmd)
+    return subprocess.call(torchrun_command(ranks, "-m", "itloop.stimulus.shard_benchmark", *argv))
 
 
 def _sync(device: torch.device) -> None:
@@ -265,14 +260,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
         "torch": torch.__version__,
         "backend": dist.get_backend(),
         "ranks": size,
-        "model": {
-            "source": source,
-            "backbone": args.backbone,
-            "layer": args.layer,
-            "input_hw": list(hw),
-            "sites": args.sites,
-            "weights": "random init (speed needs no trained weights)",
-        },
+        "model": describe_model(args, source, hw, "timings"),
         "batch": args.batch,
         "steps": args.steps,
         "eps_l2": list(LAB_DAY_EPS),
@@ -296,11 +284,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
             "gathered on rank 0; gather_s: the gather alone, the same shards once more"
         ),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output is not None:
-        args.output.write_text(text + "\n")
-    sys.stdout.flush()
+    emit_json(out, args.output)
     return 0
 
 

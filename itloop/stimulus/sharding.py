@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GATHER_PIECE_BYTES", "gather_rows_to_first", "shard_bounds", "world"]
+__all__ = [
+    "GATHER_PIECE_BYTES",
+    "gather_rows_to_first",
+    "shard_bounds",
+    "torchrun_command",
+    "world",
+]
 
 Group = dist.ProcessGroup | None
 """A process group; None: the default one (``torchrun``'s world), or no group at all."""
@@ -28,6 +35,19 @@ def world(group: Group = None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def torchrun_command(ranks: int, *target: str) -> list[str]:
+    """The command that starts ``ranks`` processes of ``target`` (a script and its arguments, or
+    ``-m``, a module and its arguments) on this host with torchrun, from this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        *target,
+    ]
 
 
 def shard_bounds(
@@ -146,11 +166,16 @@ def gather_rows_to_first(
     for src in range(1, size):
         offsets, length = _layout(metas[src])
         received = torch.empty(length, dtype=torch.uint8)
-        piece = torch.empty(min(GATHER_PIECE_BYTES, length), dtype=torch.uint8, device=device)
+        staged = device.type != "cpu"  # NCCL receives on the device, gloo straight into place
+        piece = torch.empty(
+            min(GATHER_PIECE_BYTES, length) if staged else 0, dtype=torch.uint8, device=device
+        )
         for start in range(0, length, GATHER_PIECE_BYTES):
             n = min(GATHER_PIECE_BYTES, length - start)
-            dist.recv(piece[:n], group=group, group_src=src)
-            received[start : start + n].copy_(piece[:n])
+            into = piece[:n] if staged else received[start : start + n]
+            dist.recv(into, group=group, group_src=src)
+            if staged:
+                received[start : start + n].copy_(into)
         for i, ((k, shape, _), off) in enumerate(zip(metas[src], offsets, strict=True)):
             block = out[k][at[i] : at[i] + shape[0]]
             _bytes(block).copy_(received[off : off + block.numel() * block.element_size()])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from itloop.stimulus import sharding
+from itloop.stimulus.sharding import torchrun_command
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("gather_worker", HERE / "gather_worker.py")
@@ -23,17 +23,7 @@ _spec.loader.exec_module(worker)
 
 def _torchrun(out: Path, ranks: int, piece: int, mode: str = "same") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        str(HERE / "gather_worker.py"),
-        str(out),
-        str(piece),
-        mode,
-    ]
+    cmd = torchrun_command(ranks, str(HERE / "gather_worker.py"), str(out), str(piece), mode)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -23,6 +23,7 @@ from itloop.stimulus import (
     to_levels,
 )
 from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
+from itloop.stimulus.sharding import torchrun_command
 
 from .toys import TinyConvNet
 
@@ -198,15 +199,7 @@ def test_three_ranks_store_their_shards_and_the_first_gets_what_one_process_keep
     tmp_path: Path,
 ) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=3",
-        str(HERE / "pipeline_worker.py"),
-        str(tmp_path),
-    ]
+    cmd = torchrun_command(3, str(HERE / "pipeline_worker.py"), str(tmp_path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("pipeline_worker", HERE / "pipeline_worker.py")

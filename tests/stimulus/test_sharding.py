@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from itloop.stimulus import AttackEngine, AttackResult
-from itloop.stimulus.sharding import shard_bounds
+from itloop.stimulus.sharding import shard_bounds, torchrun_command
 
 from .toys import sharding_job
 
@@ -33,15 +32,7 @@ def test_shard_bounds_cover_rows_contiguously() -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_reproduce_the_single_process_result(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(HERE / "sharded_worker.py"),
-        str(tmp_path),
-    ]
+    cmd = torchrun_command(2, str(HERE / "sharded_worker.py"), str(tmp_path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, images, rows, config = sharding_job()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -21,25 +19,17 @@ from itloop.server.batches import build_manifest
 from itloop.server.db import make_engine, make_sessionmaker
 from itloop.server.db.tables import (
     Batch,
-    ElectrodeArray,
     Job,
-    JobState,
     Presentation,
-    Protocol,
     RecordingSession,
-    RecordingSite,
-    Rig,
-    Role,
     SessionState,
     Stimulus,
-    Subject,
-    TokenKind,
 )
 from itloop.server.jobs import JobService
-from itloop.server.sessions import schedule
 from itloop.server.settings import Settings
 
-from .test_loop_e2e import PX, image_folder
+from .generation_setup import schedule_session, wait_for_job, worker_env
+from .test_loop_e2e import image_folder
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
@@ -57,8 +47,6 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Path) -> None:
-    from itloop.server.auth import Principal
-
     migrate.upgrade(db_url)
     data_dir = tmp_path / "data"
     settings = Settings(environment="test", data_dir=data_dir, database_url=db_url)
@@ -66,49 +54,16 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
     images = image_folder(tmp_path / "images", classes=8, per_class=6)
-    with sessions() as db:
-        subject, rig = Subject(name="M1"), Rig(name="rig")
-        protocol = Protocol(
-            name="kill",
-            eps_l2=[1.0],
-            images_per_site=2,
-            attack_steps=40,
-            controls=["noise"],
-            image_source=str(images),
-        )
-        db.add_all([subject, rig, protocol])
-        db.flush()
-        array = ElectrodeArray(subject_id=subject.id, name="aIT")
-        db.add(array)
-        db.flush()
-        db.add_all(
-            RecordingSite(array_id=array.id, electrode=i, acq_channel=i) for i in range(N_SITES)
-        )
-        db.flush()
-        session = schedule(
-            db,
-            subject_id=subject.id,
-            rig_id=rig.id,
-            protocol_id=protocol.id,
-            scheduled_for=dt.datetime(2026, 12, 3, tzinfo=dt.UTC),
-            site_ids=None,
-            notes="",
-            actor=Principal(kind=TokenKind.user, user_id=None, role=Role.staff),
-        )
-        db.commit()
-        session_id = session.id
+    session_id = schedule_session(
+        sessions, images, name="kill", sites=N_SITES, eps_l2=[1.0], attack_steps=40
+    )
     jobs = JobService(settings, sessions)
     job = jobs.enqueue(JobKind.generate, {"session_id": session_id}, key=f"session-{session_id}")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ITLOOP_", "DBOS_"))}
-    env.update(
-        ITLOOP_ENVIRONMENT="test",
-        ITLOOP_DATA_DIR=str(data_dir),
+    env = worker_env(
+        data_dir,
         ITLOOP_DATABASE_URL=db_url,
         ITLOOP_WORKER_ID="kill-worker",
-        ITLOOP_MODEL_BACKBONE="tiny",
-        ITLOOP_MODEL_INPUT_PX=str(PX),
-        ITLOOP_DEVICE="cpu",
         ITLOOP_GENERATION_CHUNK_ROWS="32",
     )
     log = tmp_path / "worker.log"
@@ -133,18 +88,7 @@ def test_killed_generation_resumes_and_publishes_once(db_url: str, tmp_path: Pat
 
         second = _worker(env, log)
         try:
-            deadline = time.monotonic() + 240
-            while True:
-                with sessions() as db:
-                    row = db.get(Job, job.id)
-                    assert row is not None
-                    if row.state is JobState.succeeded:
-                        attempts = row.attempts
-                        break
-                    assert row.state is not JobState.failed, row.error
-                assert second.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+            attempts = wait_for_job(sessions, job.id, second, log, timeout_s=240)
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(timeout=60)

@@ -1,0 +1,109 @@
+"""A lab with one scheduled session, and the environment of a worker process to generate it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from itloop.server.db.tables import (
+    ElectrodeArray,
+    Job,
+    JobState,
+    Protocol,
+    RecordingSite,
+    Rig,
+    Role,
+    Subject,
+    TokenKind,
+)
+from itloop.server.sessions import schedule
+
+from .test_loop_e2e import PX
+
+
+def schedule_session(
+    sessions: sessionmaker[Session],
+    images: Path,
+    *,
+    name: str,
+    sites: int,
+    eps_l2: list[float],
+    attack_steps: int,
+) -> int:
+    """A subject with ``sites`` sites on one array, a protocol of 2 images per site with noise
+    controls drawn from ``images``, and one session of every site scheduled: its id."""
+    from itloop.server.auth import Principal
+
+    with sessions() as db:
+        subject, rig = Subject(name="M1"), Rig(name="rig")
+        protocol = Protocol(
+            name=name,
+            eps_l2=eps_l2,
+            images_per_site=2,
+            attack_steps=attack_steps,
+            controls=["noise"],
+            image_source=str(images),
+        )
+        db.add_all([subject, rig, protocol])
+        db.flush()
+        array = ElectrodeArray(subject_id=subject.id, name="aIT")
+        db.add(array)
+        db.flush()
+        db.add_all(
+            RecordingSite(array_id=array.id, electrode=i, acq_channel=i) for i in range(sites)
+        )
+        db.flush()
+        session = schedule(
+            db,
+            subject_id=subject.id,
+            rig_id=rig.id,
+            protocol_id=protocol.id,
+            scheduled_for=dt.datetime(2026, 12, 3, tzinfo=dt.UTC),
+            site_ids=None,
+            notes="",
+            actor=Principal(kind=TokenKind.user, user_id=None, role=Role.staff),
+        )
+        db.commit()
+        return session.id
+
+
+def worker_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without any ITLOOP_ or DBOS_ variable, plus a CPU worker of
+    the tiny model on ``data_dir``'s embedded database and ``settings`` (ITLOOP_ names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ITLOOP_", "DBOS_"))}
+    env.update(
+        ITLOOP_ENVIRONMENT="test",
+        ITLOOP_DATA_DIR=str(data_dir),
+        ITLOOP_MODEL_BACKBONE="tiny",
+        ITLOOP_MODEL_INPUT_PX=str(PX),
+        ITLOOP_DEVICE="cpu",
+        **settings,
+    )
+    return env
+
+
+def wait_for_job(
+    sessions: sessionmaker[Session],
+    job_id: int,
+    worker: subprocess.Popen[bytes],
+    log: Path,
+    timeout_s: float,
+) -> int:
+    """Wait until the job has succeeded, while the worker runs; returns the job's attempts.
+    Fails with the job's error or the worker's log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sessions() as db:
+            row = db.get(Job, job_id)
+            assert row is not None
+            if row.state is JobState.succeeded:
+                return row.attempts
+            assert row.state is not JobState.failed, row.error
+        assert worker.poll() is None, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, log.read_text()[-5000:]
+        time.sleep(0.2)
