@@ -111,8 +111,8 @@ def _check(args: argparse.Namespace) -> str | None:
             )
     if args.batches_per_rank < 1:
         return f"--batches-per-rank must be >= 1, got {args.batches_per_rank}"
-    if args.batch < 1:
-        return f"--batch must be >= 1, got {args.batch}"
+    if args.batch < 2 or args.batch % 2:
+        return f"--batch must be even and >= 2 (rows come in sign pairs), got {args.batch}"
     return None
 
 

@@ -56,7 +56,8 @@ def test_two_ranks_time_the_job_against_one_and_agree_row_by_row(tmp_path: Path)
     [
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
         (["--batches-per-rank", "0"], "--batches-per-rank must be >= 1, got 0"),
-        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--batch", "0"], "--batch must be even and >= 2 (rows come in sign pairs), got 0"),
+        (["--batch", "7"], "--batch must be even and >= 2 (rows come in sign pairs), got 7"),
     ],
 )
 def test_bad_arguments_are_named_before_any_rank_starts(
