@@ -385,11 +385,14 @@ def token_revoke(token_id: int) -> None:
     console.print(f"token {token_id} revoked")
 
 
-@bench_app.command(
-    "attack",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,  # --help goes to the benchmark's own parser, which lists its options
-)
+_PASS_THROUGH: dict[str, Any] = {
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "add_help_option": False,  # --help goes to the benchmark's own parser, which lists its options
+}
+"""A benchmark command that hands every argument to the benchmark's own parser."""
+
+
+@bench_app.command("attack", **_PASS_THROUGH)
 def bench_attack(ctx: typer.Context) -> None:
     """Attack-engine throughput vs torchattacks in the same run (--help lists the options)."""
     from itloop.stimulus.benchmark import main as bench_main
@@ -397,11 +400,7 @@ def bench_attack(ctx: typer.Context) -> None:
     raise typer.Exit(bench_main(list(ctx.args)))
 
 
-@bench_app.command(
-    "shards",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,  # --help goes to the benchmark's own parser, which lists its options
-)
+@bench_app.command("shards", **_PASS_THROUGH)
 def bench_shards(ctx: typer.Context) -> None:
     """One attack job sharded over every GPU of the host against one GPU, in the same run."""
     from itloop.stimulus.shard_benchmark import main as shards_main
