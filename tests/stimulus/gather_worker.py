@@ -1,4 +1,4 @@
-"""One rank of the gather test, launched by torchrun: gather its tensors, record what arrived."""
+"""One rank of the gather test (gloo or NCCL): gather its tensors, record what arrived."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from multirank import init_rank
 
 from itloop.stimulus import sharding
 
@@ -26,13 +27,13 @@ def tensors(rank: int) -> dict[str, torch.Tensor]:
     }
 
 
-def main(out: Path, piece: int, mode: str) -> None:
-    dist.init_process_group("gloo")
+def main(out: Path, piece: int, mode: str, backend: str) -> None:
+    device = init_rank(backend)
     rank = dist.get_rank()
     sharding.GATHER_PIECE_BYTES = piece
-    mine = tensors(rank)
+    mine = {k: t.to(device) for k, t in tensors(rank).items()}  # NCCL ranks send from the GPU
     if mode == "extra" and rank == 1:
-        mine["extra"] = torch.zeros(1)
+        mine["extra"] = torch.zeros(1, device=device)
     if mode == "shape" and rank == 2:
         mine["delta_levels"] = mine["delta_levels"][..., :4]
     try:
@@ -50,4 +51,4 @@ def main(out: Path, piece: int, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from itloop.stimulus import sharding
-from itloop.stimulus.sharding import torchrun_command
+
+from .multirank import BACKENDS, run_ranks
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("gather_worker", HERE / "gather_worker.py")
 assert _spec is not None
 assert _spec.loader is not None
 worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+sys.path.insert(0, str(HERE))  # the script imports multirank as a sibling
+try:
+    _spec.loader.exec_module(worker)
+finally:
+    sys.path.remove(str(HERE))
 
 
-def _torchrun(out: Path, ranks: int, piece: int, mode: str = "same") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = torchrun_command(ranks, str(HERE / "gather_worker.py"), str(out), str(piece), mode)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(out: Path, backend: str, piece: int, mode: str = "same") -> None:
+    argv = [str(HERE / "gather_worker.py"), str(out), str(piece), mode, backend]
+    run_ranks(3, backend, argv, out / "logs", timeout_s=240)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("piece", [48, sharding.GATHER_PIECE_BYTES])
-def test_three_ranks_rows_arrive_bit_exact_in_rank_order(tmp_path: Path, piece: int) -> None:
-    _torchrun(tmp_path, 3, piece)
+def test_three_ranks_rows_arrive_bit_exact_in_rank_order(
+    tmp_path: Path, piece: int, backend: str
+) -> None:
+    _run(tmp_path, backend, piece)
     gathered = torch.load(tmp_path / "gathered.pt")
     parts = [worker.tensors(rank) for rank in range(3)]
     assert list(gathered) == list(parts[0])
@@ -46,11 +51,12 @@ def test_three_ranks_rows_arrive_bit_exact_in_rank_order(tmp_path: Path, piece: 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("mode", "named"), [("extra", "extra"), ("shape", "'delta_levels'")])
 def test_ranks_whose_tensors_differ_beyond_their_rows_are_refused_by_name(
-    tmp_path: Path, mode: str, named: str
+    tmp_path: Path, mode: str, named: str, backend: str
 ) -> None:
-    _torchrun(tmp_path, 3, sharding.GATHER_PIECE_BYTES, mode)
+    _run(tmp_path, backend, sharding.GATHER_PIECE_BYTES, mode)
     for rank in range(3):
         assert named in (tmp_path / f"error{rank}.txt").read_text()
     assert not (tmp_path / "gathered.pt").exists()

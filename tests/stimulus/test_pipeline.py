@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -23,8 +21,8 @@ from itloop.stimulus import (
     to_levels,
 )
 from itloop.stimulus.pipeline import PngWriter, attack_and_store, day_chunks
-from itloop.stimulus.sharding import torchrun_command
 
+from .multirank import BACKENDS, run_ranks
 from .toys import TinyConvNet
 
 SHAPE = (3, 8, 8)
@@ -195,27 +193,35 @@ def test_day_chunks_name_a_bad_argument(argument: str, value: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_three_ranks_store_their_shards_and_the_first_gets_what_one_process_keeps(
-    tmp_path: Path,
+    tmp_path: Path, backend: str
 ) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = torchrun_command(3, str(HERE / "pipeline_worker.py"), str(tmp_path))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = [str(HERE / "pipeline_worker.py"), str(tmp_path), backend]
+    run_ranks(3, backend, argv, tmp_path / "logs", timeout_s=240)
+    device = torch.device("cuda" if backend == "nccl" else "cpu")
     spec = importlib.util.spec_from_file_location("pipeline_worker", HERE / "pipeline_worker.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(HERE))  # the script imports toys as a sibling
+    sys.path.insert(0, str(HERE))  # the script imports toys and multirank as siblings
     try:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(HERE))
-    engine, clean, rows = module.job()
+    engine, clean, rows = module.job(device)
     store = MemoryStore()
-    with PngWriter(store.put, workers=2) as writer:
+    with (
+        PngWriter(store.put, workers=2) as writer,
+        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
+    ):
         alone = attack_and_store(
-            engine, clean, rows, generator=torch.Generator().manual_seed(2), writer=writer
+            engine,
+            clean,
+            rows,
+            generator=torch.Generator().manual_seed(2),
+            writer=writer,
+            device=device,
         )
     first = torch.load(tmp_path / "0.pt")
     assert first["sha256"] == alone.sha256

@@ -1,4 +1,4 @@
-"""`itloop bench shards --quick` shards one job over two gloo ranks and times it against one."""
+"""`itloop bench shards --quick` shards one job over two ranks and times it against one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from itloop.stimulus import AttackResult, shard_benchmark
+
+from .multirank import NCCL, run_ranks
 
 
 @pytest.mark.slow
@@ -73,3 +75,27 @@ def test_more_ranks_than_gpus_is_refused_with_the_count(
     monkeypatch.setattr(shard_benchmark.torch.cuda, "device_count", lambda: 1)
     assert shard_benchmark.main(["--device", "cuda", "--nproc-per-node", "2"]) == 2
     assert "--nproc-per-node 2 needs as many GPUs; this host has 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [NCCL])
+def test_nccl_ranks_time_the_job_and_agree_row_by_row(tmp_path: Path, backend: str) -> None:
+    """The benchmark's own ranks over NCCL (on GPUs, or sharing one as hosts of their own)."""
+    out_file = tmp_path / "shards.json"
+    argv = ["-m", "itloop.stimulus.shard_benchmark", "--quick", "--device", "cuda"]
+    argv += ["--batches-per-rank", "3", "--output", str(out_file)]
+    run_ranks(2, backend, argv, tmp_path / "logs", timeout_s=480)
+    printed = json.loads(out_file.read_text())
+    assert printed["backend"] == "nccl"
+    assert printed["ranks"] == 2
+    assert len(printed["devices"]) == 2
+    assert all(name.startswith("cuda:") for name in printed["devices"])
+    assert printed["rows"] == 2 * 3 * 8
+    assert printed["rows_per_rank"] == [24, 24]
+    assert printed["all_ranks"]["gather_s"] >= 0
+    agreement = printed["agreement"]
+    assert agreement["same_rows"]
+    # rank 0's shard ran in the process that ran the whole job alone, with the same kernels
+    assert agreement["rows_with_identical_stimulus"] >= 24
+    assert agreement["realised_eps_over_requested_max"] <= 1.0
+    assert printed["pipeline"]["kept_stimuli"] == printed["rows"] // 2

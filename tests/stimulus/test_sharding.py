@@ -1,18 +1,18 @@
-"""Rows sharded over two gloo processes under torchrun give exactly the single-process result."""
+"""Rows sharded over two ranks (gloo processes, or NCCL ranks on GPUs) give exactly the
+single-process result."""
 
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from itloop.stimulus import AttackEngine, AttackResult
-from itloop.stimulus.sharding import shard_bounds, torchrun_command
+from itloop.stimulus.sharding import shard_bounds
 
+from .multirank import BACKENDS, run_ranks
 from .toys import sharding_job
 
 HERE = Path(__file__).resolve().parent
@@ -30,17 +30,18 @@ def test_shard_bounds_cover_rows_contiguously() -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_reproduce_the_single_process_result(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = torchrun_command(2, str(HERE / "sharded_worker.py"), str(tmp_path))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_reproduce_the_single_process_result(tmp_path: Path, backend: str) -> None:
+    argv = [str(HERE / "sharded_worker.py"), str(tmp_path), backend]
+    run_ranks(2, backend, argv, tmp_path / "logs", timeout_s=240)
+    device = torch.device("cuda" if backend == "nccl" else "cpu")
     model, images, rows, config = sharding_job()
-    single = AttackEngine(model, config).run(  # type: ignore[arg-type]
-        images,
-        rows,  # type: ignore[arg-type]
-        generator=torch.Generator().manual_seed(3),
-    )
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        single = AttackEngine(model.to(device), config).run(  # type: ignore[arg-type]
+            images.to(device),
+            rows,  # type: ignore[arg-type]
+            generator=torch.Generator().manual_seed(3),
+        )
     gathered = AttackResult(**torch.load(tmp_path / "0.pt"))
     assert len(gathered) == len(single) == 16
     for name in single.__dataclass_fields__:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -132,20 +131,6 @@ def test_when_rank_0_dies_the_other_ranks_do_not_wait_for_it(tmp_path: Path) -> 
             proc.kill()
     assert status != 0
     assert "rank 1: end of work" not in log.read_text()
-
-
-@pytest.mark.slow
-def test_tasks_reach_every_rank_and_a_rank_not_ready_is_known_to_all(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = torchrun_command(3, str(Path(__file__).with_name("ranks_worker.py")), str(tmp_path))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # the second task: ranks 1 and 2 were not ready, and rank 0 knew it before any collective
-    assert json.loads((tmp_path / "0.json").read_text()) == [[], [1, 2], [], []]
-    for rank in (1, 2):  # a failed task and an unknown kind do not stop a rank
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [1, 2, 3, 4]
-    assert "this rank fails the third task" in proc.stderr
-    assert "no handler for task kind 'unknown'" in proc.stderr
 
 
 def test_a_device_setting_naming_one_device_is_refused_under_torchrun(
