@@ -11,9 +11,11 @@ Tasks travel over a gloo group that waits as long as the worker idles; a task's 
 the default group (NCCL on GPUs, gloo on CPUs) with :data:`COLLECTIVE_TIMEOUT`. Before its
 collectives a task lets every rank say whether it is ready (:func:`not_ready`), so a rank that
 failed to prepare (a model that did not load) fails the task on every rank instead of leaving the
-others waiting. A rank that fails in the middle of the collectives leaves the others to time out,
-as in any torch.distributed program; torchrun then stops the ranks together, and the job resumes at
-its last finished step when the worker starts again, as after any crash.
+others waiting. Once every rank has said it is ready, the others count on each rank for the task's
+collectives: a rank whose part of the task fails after that point exits at once
+(:data:`BROKEN_EXIT_STATUS`) rather than leave the others waiting out the collective timeout, and
+torchrun, seeing one of its ranks gone, stops the rest. The job resumes at its last finished step
+when the worker starts again, as after any crash.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "BROKEN_EXIT_STATUS",
     "COLLECTIVE_TIMEOUT",
     "Ranks",
     "current",
@@ -48,6 +52,10 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 """How long a task's collective waits for the other ranks (a chunk takes well under a minute on
 GPUs)."""
+
+BROKEN_EXIT_STATUS = 70
+"""A rank's exit status when its part of a task failed after every rank was ready for the task's
+collectives (EX_SOFTWARE): the other ranks cannot finish the task, and torchrun stops them."""
 
 _IDLE_TIMEOUT = timedelta(days=365)
 """How long the other ranks wait for rank 0's next task: as long as the worker runs."""
@@ -68,6 +76,7 @@ class Ranks:
 
 _ranks: Ranks | None = None
 _lead = threading.Lock()  # rank 0 runs one task at a time, whatever the queue's concurrency
+_committed = False  # every rank said it was ready for the running task's collectives
 
 
 def under_torchrun() -> bool:
@@ -129,7 +138,14 @@ def leading(task: Task) -> Iterator[None]:
         return
     with _lead:
         dist.broadcast_object_list([task], src=0, group=_ranks.tasks)
-        yield
+        try:
+            yield
+        except BaseException:
+            if _committed:
+                _break_ranks(task)
+            raise
+        finally:
+            _commit(False)
 
 
 def not_ready(ready: bool) -> list[int]:
@@ -140,7 +156,34 @@ def not_ready(ready: bool) -> list[int]:
     flag = torch.tensor([1 if ready else 0], dtype=torch.int64)
     votes = [torch.zeros_like(flag) for _ in range(_ranks.size)]
     dist.all_gather(votes, flag, group=_ranks.tasks)
-    return [r for r, v in enumerate(votes) if not int(v)]
+    failed = [r for r, v in enumerate(votes) if not int(v)]
+    _commit(not failed)
+    return failed
+
+
+def _commit(committed: bool) -> None:
+    global _committed
+    _committed = committed
+
+
+def _break_ranks(task: Task) -> NoReturn:
+    """Exit this rank: its part of ``task`` failed after every rank was ready for the task's
+    collectives, so the others would wait for it until the collective timeout."""
+    rank = -1 if _ranks is None else _ranks.rank
+    log.critical(
+        "rank %d failed task %r after every rank was ready for its collectives: the other ranks "
+        "cannot finish it; this rank exits (status %d) and torchrun stops the rest",
+        rank,
+        task.get("kind"),
+        BROKEN_EXIT_STATUS,
+        exc_info=True,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    # not sys.exit: exit handlers would tear the process group down, which waits on the
+    # collectives the others are blocked in
+    os._exit(BROKEN_EXIT_STATUS)
 
 
 def follow(handlers: Mapping[str, Callable[[Task], None]]) -> None:
@@ -166,9 +209,13 @@ def follow(handlers: Mapping[str, Callable[[Task], None]]) -> None:
                     raise ValueError(f"no handler for task kind {task.get('kind')!r}")
                 handler(task)
             except Exception:
-                # rank 0 fails the same task (not_ready() or its own collectives): the job's error
-                # is recorded there; this rank waits for the next task
+                if _committed:
+                    _break_ranks(task)
+                # before its collectives rank 0 fails the same task (not_ready()): the job's
+                # error is recorded there; this rank waits for the next task
                 log.exception("rank %d: task %r failed", _ranks.rank, task.get("kind"))
+            finally:
+                _commit(False)
     finally:
         _leave()
 

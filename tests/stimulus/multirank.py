@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from itloop.stimulus.sharding import torchrun_command
 
-__all__ = ["BACKENDS", "NCCL", "NEEDS_CUDA", "init_rank", "run_ranks"]
+__all__ = ["BACKENDS", "NCCL", "NEEDS_CUDA", "Ranked", "init_rank", "run_ranks"]
 
 NEEDS_CUDA = [
     pytest.mark.gpu,
@@ -83,29 +84,54 @@ def _rank_env(rank: int, size: int, port: int, shared_gpu: bool) -> dict[str, st
     return env
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """What a run of ranks left: their output and exit status."""
+
+    output: str
+    """Every rank's stdout and stderr (torchrun's, or each rank's in turn)."""
+    status: int
+    """torchrun's exit status, or the first failed rank's; 0 when every rank exited 0."""
+    seconds: float
+    """From the start to the last rank's end."""
+
+
 def run_ranks(
-    size: int, backend: str, argv: Sequence[str], logs: Path, timeout_s: float = 300
-) -> str:
+    size: int,
+    backend: str,
+    argv: Sequence[str],
+    logs: Path,
+    timeout_s: float = 300,
+    *,
+    check: bool = True,
+) -> Ranked:
     """Run ``argv`` (a script or ``-m`` module and its arguments, under this Python) as ``size``
-    ranks of one world on ``backend``; fail the test, showing the failed rank's output, unless
-    every rank exits 0. Returns the ranks' output (stdout and stderr), rank by rank.
+    ranks of one world on ``backend``. With ``check``, fail the test, showing the output, unless
+    every rank exits 0.
 
     gloo: torchrun on this host. nccl: one process per rank with torchrun's environment, on a GPU
-    each, or on GPU 0 as hosts of their own (see the module's docstring).
+    each, or on GPU 0 as hosts of their own (see the module's docstring); as torchrun does, the
+    others are stopped as soon as one rank fails.
     """
     logs.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
     if backend == "gloo":
-        cmd = torchrun_command(size, *argv)
         proc = subprocess.run(
-            cmd,
+            torchrun_command(size, *argv),
             env={**os.environ, **_QUIET},
             capture_output=True,
             text=True,
             timeout=timeout_s,
             check=False,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
+        ranked = Ranked(proc.stdout + proc.stderr, proc.returncode, time.monotonic() - start)
+    else:
+        ranked = _spawn(size, argv, logs, timeout_s, start)
+    assert not check or ranked.status == 0, ranked.output[-3000:]
+    return ranked
+
+
+def _spawn(size: int, argv: Sequence[str], logs: Path, timeout_s: float, start: float) -> Ranked:
     shared_gpu = torch.cuda.device_count() < size
     port = _free_port()
     paths = [logs / f"rank{r}.log" for r in range(size)]
@@ -120,19 +146,19 @@ def run_ranks(
                     stderr=subprocess.STDOUT,
                 )
             )
-    deadline = time.monotonic() + timeout_s
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+        while True:
+            codes = [p.poll() for p in procs]
+            status = next((c for c in codes if c not in (None, 0)), 0)
+            if status or None not in codes:
                 break
+            assert time.monotonic() - start < timeout_s, f"ranks still running after {timeout_s} s"
             time.sleep(0.2)
     finally:
-        for p in procs:
+        for p in procs:  # the others of a failed rank, as torchrun stops them
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    texts = [path.read_text() for path in paths]
-    for rank, (p, text) in enumerate(zip(procs, texts, strict=True)):
-        assert p.returncode == 0, f"rank {rank} of {size} exited {p.returncode}:\n{text[-3000:]}"
-    return "".join(texts)
+    seconds = time.monotonic() - start
+    output = "".join(f"--- rank {r}\n{path.read_text()}" for r, path in enumerate(paths))
+    return Ranked(output, status, seconds)
