@@ -26,7 +26,15 @@ import torch.distributed as dist
 
 from itloop.stimulus.sharding import torchrun_command
 
-__all__ = ["BACKENDS", "NCCL", "NEEDS_CUDA", "Ranked", "init_rank", "run_ranks"]
+__all__ = [
+    "BACKENDS",
+    "NCCL",
+    "NEEDS_CUDA",
+    "Ranked",
+    "init_rank",
+    "nccl_environments",
+    "run_ranks",
+]
 
 NEEDS_CUDA = [
     pytest.mark.gpu,
@@ -63,25 +71,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_env(rank: int, size: int, port: int, shared_gpu: bool) -> dict[str, str]:
-    env = {
-        **os.environ,
-        **_QUIET,
-        "RANK": str(rank),
-        "WORLD_SIZE": str(size),
-        "LOCAL_RANK": "0" if shared_gpu else str(rank),
-        "LOCAL_WORLD_SIZE": "1" if shared_gpu else str(size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    if shared_gpu:
-        env.update(
-            NCCL_HOSTID=f"itloop-test-host-{rank}",
-            NCCL_SOCKET_IFNAME="lo",
-            GLOO_SOCKET_IFNAME="lo",
-            NCCL_IB_DISABLE="1",
-        )
-    return env
+def nccl_environments(size: int) -> list[dict[str, str]]:
+    """The variables that make processes ``size`` NCCL ranks of one world, rank by rank: torchrun's
+    (rank, world, local rank, rendezvous on 127.0.0.1), and with fewer GPUs than ranks a host
+    identity of each rank's own on GPU 0 (see the module's docstring)."""
+    shared_gpu = torch.cuda.device_count() < size
+    port = _free_port()
+    envs = []
+    for rank in range(size):
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "LOCAL_RANK": "0" if shared_gpu else str(rank),
+            "LOCAL_WORLD_SIZE": "1" if shared_gpu else str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        if shared_gpu:
+            env.update(
+                NCCL_HOSTID=f"itloop-test-host-{rank}",
+                NCCL_SOCKET_IFNAME="lo",
+                GLOO_SOCKET_IFNAME="lo",
+                NCCL_IB_DISABLE="1",
+            )
+        envs.append(env)
+    return envs
 
 
 @dataclass(frozen=True)
@@ -132,16 +146,14 @@ def run_ranks(
 
 
 def _spawn(size: int, argv: Sequence[str], logs: Path, timeout_s: float, start: float) -> Ranked:
-    shared_gpu = torch.cuda.device_count() < size
-    port = _free_port()
     paths = [logs / f"rank{r}.log" for r in range(size)]
     procs = []
-    for rank, path in enumerate(paths):
+    for path, env in zip(paths, nccl_environments(size), strict=True):
         with path.open("w") as out:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, *argv],
-                    env=_rank_env(rank, size, port, shared_gpu),
+                    env={**os.environ, **_QUIET, **env},
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )

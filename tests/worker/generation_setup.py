@@ -73,8 +73,9 @@ def schedule_session(
 
 
 def worker_env(data_dir: Path, **settings: str) -> dict[str, str]:
-    """This process's environment without any ITLOOP_ or DBOS_ variable, plus a CPU worker of
-    the tiny model on ``data_dir``'s embedded database and ``settings`` (ITLOOP_ names)."""
+    """This process's environment without any ITLOOP_ or DBOS_ variable, plus a worker of the
+    tiny model on ``data_dir``'s embedded database, on the CPU unless ``settings`` (ITLOOP_ names)
+    say otherwise."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ITLOOP_", "DBOS_"))}
     env.update(
         ITLOOP_ENVIRONMENT="test",
@@ -82,8 +83,8 @@ def worker_env(data_dir: Path, **settings: str) -> dict[str, str]:
         ITLOOP_MODEL_BACKBONE="tiny",
         ITLOOP_MODEL_INPUT_PX=str(PX),
         ITLOOP_DEVICE="cpu",
-        **settings,
     )
+    env.update(settings)  # ITLOOP_DEVICE among them too
     return env
 
 

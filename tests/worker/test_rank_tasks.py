@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +10,7 @@ import pytest
 
 from itloop.worker import ranks
 
-_MULTIRANK = Path(__file__).resolve().parents[1] / "stimulus" / "multirank.py"
-_spec = importlib.util.spec_from_file_location("worker_multirank", _MULTIRANK)
-assert _spec is not None
-assert _spec.loader is not None
-multirank = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = multirank  # its dataclass looks its module up there
-_spec.loader.exec_module(multirank)
+from ..stimulus import multirank
 
 WORKER = Path(__file__).with_name("ranks_worker.py")
 
