@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from toys import TinyConvNet
 
 from itloop.stimulus import AttackConfig, AttackEngine, AttackRows, to_levels
 from itloop.stimulus.images import write_png_bytes
-from itloop.stimulus.pipeline import PngWriter, attack_and_store
+from itloop.stimulus.pipeline import KeptStimuli, PngWriter, attack_and_store
 
 
 def job(device: torch.device | str = "cpu") -> tuple[AttackEngine, torch.Tensor, AttackRows]:
@@ -25,16 +26,20 @@ def job(device: torch.device | str = "cpu") -> tuple[AttackEngine, torch.Tensor,
     return engine, clean, rows
 
 
-def main(out: Path, backend: str) -> None:
-    device = init_rank(backend)
-    rank = dist.get_rank()
-    engine, clean, rows = job(device)
-    store = out / "store"
+def keep(
+    engine: AttackEngine,
+    clean: torch.Tensor,
+    rows: AttackRows,
+    put: Callable[[bytes], str],
+    device: torch.device | str = "cpu",
+) -> KeptStimuli:
+    """The job's pipeline, its PNGs to ``put``; cuDNN deterministic, so that one process and
+    the ranks run the same kernels."""
     with (
-        PngWriter(lambda data: write_png_bytes(data, store)[0], workers=2) as writer,
+        PngWriter(put, workers=2) as writer,
         torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
     ):
-        kept = attack_and_store(
+        return attack_and_store(
             engine,
             clean,
             rows,
@@ -42,6 +47,14 @@ def main(out: Path, backend: str) -> None:
             writer=writer,
             device=device,
         )
+
+
+def main(out: Path, backend: str) -> None:
+    device = init_rank(backend)
+    rank = dist.get_rank()
+    engine, clean, rows = job(device)
+    store = out / "store"
+    kept = keep(engine, clean, rows, lambda data: write_png_bytes(data, store)[0], device)
     torch.save({"result": kept.result.tensors(), "sha256": kept.sha256}, out / f"{rank}.pt")
     dist.barrier()  # leave together (see sharded_worker.py)
     dist.destroy_process_group()

@@ -210,19 +210,7 @@ def test_three_ranks_store_their_shards_and_the_first_gets_what_one_process_keep
     finally:
         sys.path.remove(str(HERE))
     engine, clean, rows = module.job(device)
-    store = MemoryStore()
-    with (
-        PngWriter(store.put, workers=2) as writer,
-        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
-    ):
-        alone = attack_and_store(
-            engine,
-            clean,
-            rows,
-            generator=torch.Generator().manual_seed(2),
-            writer=writer,
-            device=device,
-        )
+    alone = module.keep(engine, clean, rows, MemoryStore().put, device)
     first = torch.load(tmp_path / "0.pt")
     assert first["sha256"] == alone.sha256
     for name, tensor in alone.result.tensors().items():

@@ -106,10 +106,14 @@ def _generate(
     return sorted((tuple(r) for r in rows), key=repr), status
 
 
-def _shards_of_rank_1(log: str) -> list[int]:
-    """How many stimuli rank 1 stored of its shard, chunk by chunk."""
+def _check_rank_1(log: str, device: str) -> None:
+    """Rank 1 ran on ``device`` (a prefix), stored its shard of both chunks and was let go."""
+    assert f"rank 1 of 2 on {device}" in log
     lines = [line for line in log.splitlines() if "rank 1: " in line and "of its shard" in line]
-    return [int(line.split("rank 1: ")[1].split()[0]) for line in lines]
+    shards = [int(line.split("rank 1: ")[1].split()[0]) for line in lines]
+    assert len(shards) == 2  # one per chunk
+    assert all(n > 0 for n in shards)
+    assert "rank 1: end of work" in log
 
 
 @pytest.mark.slow
@@ -122,13 +126,9 @@ def test_two_rank_worker_generates_what_one_process_generates(tmp_path: Path) ->
     assert len(alone) == N_SITES * 2 * (1 + 2 * 2)  # each image: clean, 2 attacks, 2 controls
     assert two == alone
     log = (tmp_path / "two" / "worker.log").read_text()
-    assert "rank 1 of 2 on cpu (process " in log
-    shards = _shards_of_rank_1(log)
-    assert len(shards) == 2  # one per chunk
-    assert all(n > 0 for n in shards)
+    _check_rank_1(log, "cpu (process ")
     # rank 0 finished its jobs, then let rank 1 go: neither was killed
     assert "worker stopping on SIGTERM" in log
-    assert "rank 1: end of work" in log
     assert "SIGKILL" not in log
 
 
@@ -146,12 +146,7 @@ def test_two_nccl_ranks_generate_a_session_on_gpus(tmp_path: Path) -> None:
     rank_envs = multirank.nccl_environments(2)
     two, status = _generate(tmp_path / "two", images, command, rank_envs=rank_envs, device="cuda")
     assert status == 0
-    log = (tmp_path / "two" / "worker.log").read_text()
-    assert "rank 1 of 2 on cuda:" in log
-    shards = _shards_of_rank_1(log)
-    assert len(shards) == 2  # one per chunk
-    assert all(n > 0 for n in shards)
-    assert "rank 1: end of work" in log
+    _check_rank_1((tmp_path / "two" / "worker.log").read_text(), "cuda:")
 
     def layout(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
         return sorted(((r[0], r[1], r[2], r[6]) for r in rows), key=repr)  # kind, site, ε, source
