@@ -22,11 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,8 @@ from itloop.stimulus.quantisation import to_levels
 from itloop.stimulus.sharding import gather_rows_to_first, torchrun_command
 
 __all__ = ["main"]
+
+_T = TypeVar("_T")
 
 _RANK_ENV = "LOCAL_RANK"
 """Set by torchrun in each rank: its presence says this process is a rank, not the launcher."""
@@ -126,6 +128,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device: torch.device, call: Callable[[], _T]) -> tuple[_T, float]:
+    """``call()`` and its seconds, from an idle device to the end of the work it queued."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = call()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
 def _timed_run(
     engine: AttackEngine,
     images: torch.Tensor,
@@ -134,11 +145,8 @@ def _timed_run(
     device: torch.device,
     group: dist.ProcessGroup | None,
 ) -> tuple[AttackResult, float]:
-    _sync(device)
-    t0 = time.perf_counter()
-    result = engine.run(images, rows, generator=torch.Generator().manual_seed(seed), group=group)
-    _sync(device)
-    return result, time.perf_counter() - t0
+    generator = torch.Generator().manual_seed(seed)
+    return _timed(device, lambda: engine.run(images, rows, generator=generator, group=group))
 
 
 def _fingerprint(model: torch.nn.Module) -> float:
@@ -241,10 +249,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int, size: in
     dist.all_gather_object(shard_rows, len(sharded) if rank else 0)
     mine = sharded if rank else sharded.rows(0, len(sharded) - sum(shard_rows))
     dist.barrier()
-    _sync(device)
-    t0 = time.perf_counter()
-    gather_rows_to_first(mine.tensors())
-    gather_s = time.perf_counter() - t0
+    _, gather_s = _timed(device, lambda: gather_rows_to_first(mine.tensors()))
 
     pipeline = _pipeline(engine, images, rows, args.seed, device, alone, rank, size)
 
@@ -302,19 +307,19 @@ def _timed_pipeline(
         tempfile.TemporaryDirectory(prefix="itloop-shards-") as tmp,
         PngWriter(lambda data: write_png_bytes(data, Path(tmp))[0]) as writer,
     ):
-        _sync(device)
-        t0 = time.perf_counter()
-        kept = attack_and_store(
-            engine,
-            clean_levels,
-            rows,
-            generator=torch.Generator().manual_seed(seed),
-            writer=writer,
-            device=device,
-            group=group,
+        generator = torch.Generator().manual_seed(seed)
+        return _timed(
+            device,
+            lambda: attack_and_store(
+                engine,
+                clean_levels,
+                rows,
+                generator=generator,
+                writer=writer,
+                device=device,
+                group=group,
+            ),
         )
-        _sync(device)
-        return kept, time.perf_counter() - t0
 
 
 def _pipeline(

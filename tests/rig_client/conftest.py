@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import os
 import shutil
@@ -48,48 +47,22 @@ def make_rig_lab(
     """A subject with sites on channels 1..n, a rig with a token, a published batch."""
     from itloop.server import accounts
     from itloop.server.artifacts import ContentStore
-    from itloop.server.auth import Principal
     from itloop.server.batches import NewImage, NewPresentation, NewStimulus, publish_batch
     from itloop.server.db import make_engine, make_sessionmaker
-    from itloop.server.db.tables import (
-        ElectrodeArray,
-        Protocol,
-        RecordingSite,
-        Rig,
-        Role,
-        SessionState,
-        StimulusKind,
-        Subject,
-        TokenKind,
-    )
-    from itloop.server.sessions import schedule, transition
+    from itloop.server.db.tables import Protocol, Rig, SessionState, StimulusKind, TokenKind
+    from itloop.server.sessions import transition
 
-    staff = Principal(kind=TokenKind.user, user_id=None, role=Role.staff)
+    from ..server.lab_setup import add_subject_with_sites, schedule_every_site
+
     engine = make_engine(database_url)
     store = ContentStore(artifact_dir)
     with make_sessionmaker(engine)() as db:
-        subject, rig, other = Subject(name="M1"), Rig(name="rig-1"), Rig(name="rig-2")
+        rig, other = Rig(name="rig-1"), Rig(name="rig-2")
         protocol = Protocol(name="paper", eps_l2=[1.0], images_per_trial=images_per_trial)
-        db.add_all([subject, rig, other, protocol])
+        db.add_all([rig, other, protocol])
         db.flush()
-        array = ElectrodeArray(subject_id=subject.id, name="aIT", n_channels=96)
-        db.add(array)
-        db.flush()
-        sites = [
-            RecordingSite(array_id=array.id, electrode=i, acq_channel=i + 1) for i in range(n_sites)
-        ]
-        db.add_all(sites)
-        db.flush()
-        session = schedule(
-            db,
-            subject_id=subject.id,
-            rig_id=rig.id,
-            protocol_id=protocol.id,
-            scheduled_for=dt.datetime(2026, 12, 3, 9, tzinfo=dt.UTC),
-            site_ids=None,
-            notes="",
-            actor=staff,
-        )
+        subject, sites = add_subject_with_sites(db, n_sites)
+        session = schedule_every_site(db, subject.id, rig.id, protocol.id)
         db.commit()
         transition(db, session, SessionState.generating, actor=None)
         images, stimuli = [], []

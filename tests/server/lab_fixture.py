@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 from dataclasses import dataclass
 
@@ -10,25 +9,12 @@ import numpy as np
 from PIL import Image as PILImage
 
 from itloop.server.artifacts import ContentStore
-from itloop.server.auth import Principal
 from itloop.server.batches import NewImage, NewPresentation, NewStimulus, publish_batch
-from itloop.server.db.tables import (
-    ElectrodeArray,
-    ModelVersion,
-    Protocol,
-    RecordingSite,
-    Rig,
-    Role,
-    SessionState,
-    StimulusKind,
-    Subject,
-    TokenKind,
-)
-from itloop.server.sessions import schedule, transition
+from itloop.server.db.tables import ModelVersion, Protocol, Rig, SessionState, StimulusKind
+from itloop.server.sessions import transition
 
 from .conftest import Server
-
-STAFF = Principal(kind=TokenKind.user, user_id=None, role=Role.staff)
+from .lab_setup import add_subject_with_sites, schedule_every_site
 
 
 @dataclass
@@ -54,18 +40,11 @@ def png(seed: int, size: int = 16) -> bytes:
 def make_lab(server: Server, *, n_sites: int = 3, n_images: int = 2, publish: bool = True) -> Lab:
     store = ContentStore(server.settings.artifact_dir)
     with server.sessions() as db:
-        subject = Subject(name="M1")
         rig = Rig(name="rig-1")
         protocol = Protocol(name="paper", eps_l2=[1.0, 2.0], images_per_trial=4)
-        db.add_all([subject, rig, protocol])
+        db.add_all([rig, protocol])
         db.flush()
-        array = ElectrodeArray(subject_id=subject.id, name="aIT", n_channels=96)
-        db.add(array)
-        db.flush()
-        sites = [
-            RecordingSite(array_id=array.id, electrode=i, acq_channel=i + 1) for i in range(n_sites)
-        ]
-        db.add_all(sites)
+        subject, sites = add_subject_with_sites(db, n_sites)
         model = ModelVersion(
             subject_id=subject.id,
             backbone="tiny",
@@ -75,16 +54,7 @@ def make_lab(server: Server, *, n_sites: int = 3, n_images: int = 2, publish: bo
         )
         db.add(model)
         db.flush()
-        session = schedule(
-            db,
-            subject_id=subject.id,
-            rig_id=rig.id,
-            protocol_id=protocol.id,
-            scheduled_for=dt.datetime(2026, 12, 3, 9, tzinfo=dt.UTC),
-            site_ids=None,
-            notes="",
-            actor=STAFF,
-        )
+        session = schedule_every_site(db, subject.id, rig.id, protocol.id)
         db.commit()
         lab = Lab(subject.id, rig.id, protocol.id, [s.id for s in sites], session.id, [], [], 0, [])
         if not publish:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import subprocess
 import time
@@ -10,19 +9,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from itloop.server.db.tables import (
-    ElectrodeArray,
-    Job,
-    JobState,
-    Protocol,
-    RecordingSite,
-    Rig,
-    Role,
-    Subject,
-    TokenKind,
-)
-from itloop.server.sessions import schedule
+from itloop.server.db.tables import Job, JobState, Protocol, Rig
 
+from ..server.lab_setup import add_subject_with_sites, schedule_every_site
 from .test_loop_e2e import PX
 
 
@@ -37,10 +26,8 @@ def schedule_session(
 ) -> int:
     """A subject with ``sites`` sites on one array, a protocol of 2 images per site with noise
     controls drawn from ``images``, and one session of every site scheduled: its id."""
-    from itloop.server.auth import Principal
-
     with sessions() as db:
-        subject, rig = Subject(name="M1"), Rig(name="rig")
+        rig = Rig(name="rig")
         protocol = Protocol(
             name=name,
             eps_l2=eps_l2,
@@ -49,25 +36,10 @@ def schedule_session(
             controls=["noise"],
             image_source=str(images),
         )
-        db.add_all([subject, rig, protocol])
+        db.add_all([rig, protocol])
         db.flush()
-        array = ElectrodeArray(subject_id=subject.id, name="aIT")
-        db.add(array)
-        db.flush()
-        db.add_all(
-            RecordingSite(array_id=array.id, electrode=i, acq_channel=i) for i in range(sites)
-        )
-        db.flush()
-        session = schedule(
-            db,
-            subject_id=subject.id,
-            rig_id=rig.id,
-            protocol_id=protocol.id,
-            scheduled_for=dt.datetime(2026, 12, 3, tzinfo=dt.UTC),
-            site_ids=None,
-            notes="",
-            actor=Principal(kind=TokenKind.user, user_id=None, role=Role.staff),
-        )
+        subject, _ = add_subject_with_sites(db, sites)
+        session = schedule_every_site(db, subject.id, rig.id, protocol.id)
         db.commit()
         return session.id
 
